@@ -1,0 +1,97 @@
+"""The `synthloop` command.
+
+    synthloop run CONFIG.toml [--out DIR] [--limit N]   grow a dataset (resumes if DIR has a run)
+    synthloop models prepare [--force]                 write the embedded model to the local cache
+    synthloop seeds check PATH [--format F]            validate a seed file
+
+Bad input exits 2 with one line naming the file, line and field; an interrupted run exits 130
+after committing what it had.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+
+#: Modules that add their own subcommands through `add_parser(subparsers)`.
+SUBCOMMAND_MODULES: list[str] = []
+
+
+def _run(args) -> int:
+    from synthloop.generator.config import load_config
+    from synthloop.generator.runner import execute
+
+    cfg = load_config(args.config)
+    manifest = execute(cfg, out=args.out, limit=args.limit, show_progress=not args.quiet)
+    kept = manifest["stages"][-1]["kept"] if manifest.get("stages") else 0
+    print(json.dumps({"run_dir": str(args.out or cfg.run.out or f"runs/{cfg.run.name}"), "records": kept,
+                      "shards": len(manifest["shards"]), "rejected": sum(s["dropped_total"] for s in manifest["stages"]),
+                      "complete": manifest["complete"]}))
+    return 0
+
+
+def _models(args) -> int:
+    from synthloop.generator.models import prepare_embedded
+
+    print(prepare_embedded(force=args.force))
+    return 0
+
+
+def _seeds(args) -> int:
+    from synthloop.seeds.loaders import load_seeds
+
+    seeds = load_seeds(args.path, format=args.format)
+    print(f"{args.path}: {len(seeds)} seed records ({len(seeds.classification)} classification)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="synthloop", description="Grow seed tasks into curated instruction data.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) a pipeline config")
+    r.add_argument("config")
+    r.add_argument("--out", help="run directory (default: [run] out, else runs/<name>)")
+    r.add_argument("--limit", type=int, help="stop once this many records are kept")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=_run)
+    m = sub.add_parser("models", help="manage the embedded model")
+    msub = m.add_subparsers(dest="action", required=True)
+    mp = msub.add_parser("prepare", help="convert the bundled SmolLM2 GGUF to a local HF folder")
+    mp.add_argument("--force", action="store_true")
+    mp.set_defaults(fn=_models)
+    s = sub.add_parser("seeds", help="seed files")
+    ssub = s.add_subparsers(dest="action", required=True)
+    sc = ssub.add_parser("check", help="load and validate a seed file")
+    sc.add_argument("path")
+    sc.add_argument("--format", default="auto")
+    sc.set_defaults(fn=_seeds)
+    for mod in SUBCOMMAND_MODULES:
+        importlib.import_module(mod).add_parser(sub)
+    return p
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from synthloop.generator.config import ConfigError
+    from synthloop.outputs.run_store import ConfigMismatch
+    from synthloop.seeds.loaders import SeedError
+
+    args = parser().parse_args(argv)
+    # SIGTERM commits like Ctrl-C does; SIGKILL loses at most the work since the last commit.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.fn(args)
+    except (ConfigError, SeedError, ConfigMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

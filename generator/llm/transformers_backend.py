@@ -1,0 +1,111 @@
+"""transformers backend: batched `generate` on CPU or GPU, chat or raw prompts, optional LoRA adapter.
+
+Requests with identical settings are generated together in left-padded sub-batches of
+`batch_size`; settings go to `model.generate(**params)` as they are, except the portable names
+`max_tokens` (-> `max_new_tokens`), `seed` (seeds torch before the sub-batch), `stop` (cut after
+decoding) and `temperature` 0 (greedy).
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from synthloop.generator.llm.base import Completion, Params, Request, Stats, cut_at_stop, per_request
+from synthloop.generator.models import resolve_model
+
+
+class TransformersLLM:
+    """A causal LM loaded from a local folder (or `embedded`).
+
+    >>> llm = TransformersLLM("embedded")                            # doctest: +SKIP
+    >>> llm.generate([[{"role": "user", "content": "Hi"}]], {"max_tokens": 8})[0].finish_reason  # doctest: +SKIP
+    'stop'
+    """
+
+    def __init__(self, model: str = "embedded", *, adapter: str | None = None, device: str | None = None,
+                 dtype: str = "auto", batch_size: int = 16, name: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = resolve_model(model)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = {"auto": torch.bfloat16 if self.device.startswith("cuda") else torch.float32,
+                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        if adapter:
+            from peft import PeftModel
+            # Merged weights: generation runs at base-model speed and nothing else changes.
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload().eval()
+        self.batch_size = batch_size
+        self.name = name or (model if not adapter else f"{model}+{adapter}")
+        self.stats = Stats()
+        self._torch = torch
+
+    def render(self, request: Request) -> str:
+        if isinstance(request, str):
+            return request
+        return self.tokenizer.apply_chat_template(list(request), add_generation_prompt=True, tokenize=False)
+
+    def generate(self, requests: Sequence[Request], params: Params) -> list[Completion]:
+        plist = per_request(params, len(requests))
+        out: list[Completion | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(plist):
+            groups.setdefault(json.dumps(p, sort_keys=True), []).append(i)
+        for key, idx in groups.items():
+            p = json.loads(key)
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s:s + self.batch_size]
+                for i, c in zip(chunk, self._generate_chunk([self.render(requests[i]) for i in chunk], p)):
+                    out[i] = c
+        self.stats.calls += 1
+        self.stats.add(out)
+        return out  # type: ignore[return-value]
+
+    def _generate_chunk(self, prompts: list[str], params: dict) -> list[Completion]:
+        torch = self._torch
+        params = dict(params)
+        stop = params.pop("stop", None)
+        seed = params.pop("seed", None)
+        if "n" in params and params.pop("n") != 1:
+            raise ValueError("transformers backend: send one request per sample instead of n > 1")
+        if "max_tokens" in params:
+            params["max_new_tokens"] = params.pop("max_tokens")
+        temperature = params.get("temperature", 1.0)
+        params["do_sample"] = temperature > 0
+        if temperature <= 0:
+            params.pop("temperature", None)
+            params.pop("top_p", None)
+        params.setdefault("max_new_tokens", 256)
+        if stop:
+            params["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
+            params["tokenizer"] = self.tokenizer
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        with torch.inference_mode():
+            gen = self.model.generate(**enc, pad_token_id=self.tokenizer.pad_token_id, **params)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        eos = {self.tokenizer.eos_token_id, *(self.model.generation_config.eos_token_id or [])} \
+            if isinstance(self.model.generation_config.eos_token_id, list) else {
+                self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id}
+        res = []
+        for row, mask in zip(new.tolist(), enc["attention_mask"].sum(dim=1).tolist()):
+            n = len(row)
+            while n and row[n - 1] == self.tokenizer.pad_token_id and self.tokenizer.pad_token_id not in eos:
+                n -= 1
+            toks = row[:n]
+            ended = any(t in eos for t in toks)
+            if ended:
+                toks = toks[:next(k for k, t in enumerate(toks) if t in eos)]
+            text, stopped = cut_at_stop(self.tokenizer.decode(toks, skip_special_tokens=True), stop)
+            hit_len = not ended and not stopped and len(toks) >= params["max_new_tokens"]
+            res.append(Completion(text=text, finish_reason="length" if hit_len else "stop",
+                                  prompt_tokens=int(mask), completion_tokens=len(toks)))
+        return res
+
+    def close(self) -> None:
+        self.model = None

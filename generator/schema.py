@@ -1,0 +1,128 @@
+"""The one record schema: every batch that moves between stages is a polars DataFrame of this shape.
+
+Filters are vectorised expressions over it, Parquet shards are written from it without copies, and
+a batch maps onto a Ray Data block. Never infer a schema from data: build batches with
+`make_batch`, which casts and orders the columns and fills ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Any, Iterable
+
+import polars as pl
+
+MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
+
+#: Score columns filled by scorers; null means "not scored".
+SCORES = pl.Struct({
+    "quality": pl.Float64,
+    "complexity": pl.Float64,
+    "ifd": pl.Float64,
+    "reward": pl.Float64,
+    "judge": pl.Float64,
+})
+
+SCHEMA = pl.Schema({
+    "id": pl.String,             # content hash of normalised instruction + input
+    "instruction": pl.String,
+    "input": pl.String,
+    "response": pl.String,       # "" until someone answers it
+    "messages": pl.List(MESSAGE),  # chat form, what TRL / axolotl read
+    "method": pl.String,         # seed, self_instruct, evol:<op>, distill, magpie, ...
+    "parent_id": pl.String,      # lineage: the record this one was derived from
+    "generation": pl.Int32,      # evolution depth (0 for anything not evolved)
+    "round": pl.Int32,           # self-improvement round that produced it
+    "model": pl.String,          # model that wrote the instruction / response
+    "scores": SCORES,
+    "drop_reason": pl.String,    # set only on rows headed for the rejects stream
+})
+
+_WS = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Normalise text for identity: NFKC, lower case, collapsed whitespace.
+
+    >>> normalize("  Hello\\n  World ")
+    'hello world'
+    """
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def record_id(instruction: str, input: str = "") -> str:
+    """Stable content id of a task: the same instruction + input gives the same id in every run.
+
+    >>> record_id("Add 2 and 3.") == record_id("  add 2 and 3. ")
+    True
+    """
+    key = normalize(instruction) + "\x1f" + normalize(input)
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
+def to_messages(instruction: str, input: str, response: str) -> list[dict[str, str]]:
+    """Chat form of a pair: the input, if any, follows the instruction in the user turn."""
+    user = instruction if not input else f"{instruction}\n\n{input}"
+    msgs = [{"role": "user", "content": user}]
+    if response:
+        msgs.append({"role": "assistant", "content": response})
+    return msgs
+
+
+def empty_batch() -> pl.DataFrame:
+    return pl.DataFrame(schema=SCHEMA)
+
+
+def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """Build a schema-exact batch from dicts; missing columns get defaults, ids and messages are derived.
+
+    >>> make_batch([{"instruction": "Name a colour.", "response": "Blue."}])["method"].to_list()
+    ['seed']
+    """
+    out = []
+    for r in rows:
+        unknown = set(r) - set(SCHEMA.names())
+        if unknown:
+            raise KeyError(f"unknown record fields: {sorted(unknown)}")
+        ins, inp, resp = r.get("instruction", ""), r.get("input") or "", r.get("response") or ""
+        out.append({
+            "id": r.get("id") or record_id(ins, inp),
+            "instruction": ins,
+            "input": inp,
+            "response": resp,
+            "messages": r.get("messages") or to_messages(ins, inp, resp),
+            "method": r.get("method", "seed"),
+            "parent_id": r.get("parent_id"),
+            "generation": r.get("generation", 0),
+            "round": r.get("round", 0),
+            "model": r.get("model", ""),
+            "scores": r.get("scores"),
+            "drop_reason": r.get("drop_reason"),
+        })
+    return pl.DataFrame(out, schema=SCHEMA) if out else empty_batch()
+
+
+def with_responses(batch: pl.DataFrame, responses: list[str], model: str) -> pl.DataFrame:
+    """Fill `response` (and the chat `messages`) of every row; `model` names who answered."""
+    rows = batch.to_dicts()
+    for r, resp in zip(rows, responses, strict=True):
+        r["response"] = resp
+        r["messages"] = to_messages(r["instruction"], r["input"], resp)
+        r["model"] = model
+    return make_batch(rows) if rows else batch
+
+
+def conform(df: pl.DataFrame, *, source: str = "batch") -> pl.DataFrame:
+    """Check a frame has exactly our columns and types (in order); raise naming what is off."""
+    if df.schema == SCHEMA:
+        return df
+    missing = [c for c in SCHEMA.names() if c not in df.columns]
+    extra = [c for c in df.columns if c not in SCHEMA]
+    if missing or extra:
+        raise ValueError(f"{source}: columns differ from the synthloop schema "
+                         f"(missing {missing}, unexpected {extra})")
+    try:
+        return df.select([pl.col(c).cast(t, strict=True) for c, t in SCHEMA.items()])
+    except pl.exceptions.PolarsError as e:
+        raise ValueError(f"{source}: cannot cast to the synthloop schema: {e}") from None

@@ -1,0 +1,177 @@
+"""Self-instruct (Wang et al., 2022) as a source: new instructions from in-context examples.
+
+Each prompt shows 8 numbered tasks (6 seed tasks + 2 machine-generated ones once there are
+some) and lets the model continue the list. Candidates are parsed from the numbered list and
+kept only if they pass the paper's filters, each drop counted by reason:
+
+- ``too_short`` / ``too_long``: fewer than 3 or more than 150 words
+- ``unsupported_modality``: names image, graph, picture, file, map, draw, plot, go to, video,
+  audio, music, flowchart or diagram (whole words, as the paper does)
+- ``starts_with_punctuation``, ``non_ascii_start``, ``write_a_program``
+- ``truncated``: the last item of a completion that hit the token limit
+- ``too_similar``: ROUGE-L > 0.7 against any instruction kept so far, seeds included (exact
+  ROUGE-L, indexed so the check stays cheap at 50,000 instructions: generator/rouge.py)
+
+Kept instructions leave with an empty response; the `instances` stage answers them.
+"""
+from __future__ import annotations
+
+import random
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from synthloop.generator.registry import Context, register
+from synthloop.generator.rouge import NoveltyIndex
+from synthloop.generator.schema import make_batch
+
+BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+             "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+_BLACK_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w in BLACKLIST) + r")\b", re.IGNORECASE)
+_ITEM_RE = re.compile(r"\n\s*\d+\s*[.)]\s*")
+OWN_REASONS = ("too_short", "too_long", "unsupported_modality", "starts_with_punctuation",
+               "non_ascii_start", "write_a_program", "truncated", "too_similar")
+
+PROMPT_HEAD = ("Below is a numbered list of tasks that people ask a capable assistant to do. "
+               "Each task is a single, self-contained instruction. The tasks are varied: they cover "
+               "different topics, skills and formats, and some come with an input to work on.\n\n")
+
+
+@dataclass
+class SelfInstructConfig:
+    role: str = "generator"                  # which [llm.<role>] writes the instructions
+    prompts_per_step: int = 16               # prompts sent to the model together
+    seed_examples: int = 6                   # in-context tasks drawn from the seeds ...
+    machine_examples: int = 2                # ... and from earlier machine-generated tasks
+    threshold: float = 0.7                   # keep only ROUGE-L <= threshold against all kept
+    min_words: int = 3
+    max_words: int = 150
+    max_steps: int = 0                       # 0: until the run's limit
+    patience: int = 10                       # stop after this many steps in a row keep nothing
+    sampling: dict = field(default_factory=lambda: {
+        "temperature": 0.7, "top_p": 0.5, "max_tokens": 320, "stop": ["\n\n", "\n17."]})
+
+
+def build_prompt(examples: list[str]) -> str:
+    """The list prompt: numbered examples, then the next number for the model to continue.
+
+    >>> build_prompt(["Add two numbers.", "Name a bird."]).endswith("1. Add two numbers.\\n2. Name a bird.\\n3.")
+    True
+    """
+    items = "\n".join(f"{i}. {' '.join(t.split())}" for i, t in enumerate(examples, 1))
+    return f"{PROMPT_HEAD}{items}\n{len(examples) + 1}."
+
+
+def parse_list(completion: str) -> list[str]:
+    """Instructions from a completion that continues a numbered list after "N.".
+
+    >>> parse_list(" Sort a list.\\n10. Name three rivers in Asia.\\n11.")
+    ['Sort a list.', 'Name three rivers in Asia.']
+    """
+    parts = _ITEM_RE.split("\n" + "0." + completion)
+    return [re.sub(r"\s+", " ", p).strip() for p in parts if p.strip()]
+
+
+def rule_reason(inst: str, *, min_words: int = 3, max_words: int = 150) -> str | None:
+    """The paper's rule-based drop reason for an instruction, or None if it passes.
+
+    >>> rule_reason("Draw a cat for me please.")
+    'unsupported_modality'
+    """
+    words = inst.split()
+    if len(words) < min_words:
+        return "too_short"
+    if len(words) > max_words:
+        return "too_long"
+    if _BLACK_RE.search(inst):
+        return "unsupported_modality"
+    if inst.startswith("Write a program"):
+        return "write_a_program"
+    if inst[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if not inst[0].isascii():
+        return "non_ascii_start"
+    return None
+
+
+class SelfInstruct:
+    """The self-instruct source. State: the step counter; the pool is rebuilt from committed rows."""
+
+    def __init__(self, cfg: SelfInstructConfig, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+        self.llm = ctx.llm(cfg.role)
+        self.seed_tasks = list(dict.fromkeys(ctx.seeds.records["instruction"].to_list()))
+        self.machine: list[str] = []
+        self.index = NoveltyIndex(threshold=cfg.threshold)
+        for t in self.seed_tasks:
+            self.index.add(t)
+        self.step = 0
+        self.name = "self_instruct"
+
+    def state(self) -> dict:
+        return {"step": self.step, "machine_tasks": len(self.machine)}
+
+    def restore(self, state: dict, committed) -> None:
+        """Refill the pool with every instruction this source accepted in earlier processes."""
+        self.step = state.get("step", 0)
+        kept = committed.kept().filter(pl.col("method") == "self_instruct").select("instruction")
+        later = (committed.rejects().filter((pl.col("method") == "self_instruct")
+                                            & (pl.col("drop_stage") != self.name)).select("instruction"))
+        for t in pl.concat([kept, later]).collect()["instruction"].to_list():
+            self.machine.append(t)
+            self.index.add(t)
+
+    def _examples(self, rng: random.Random) -> list[str]:
+        n_machine = min(self.cfg.machine_examples, len(self.machine))
+        picked = rng.sample(self.seed_tasks, self.cfg.seed_examples + self.cfg.machine_examples - n_machine)
+        picked += rng.sample(self.machine, n_machine)
+        rng.shuffle(picked)
+        return picked
+
+    def _one_step(self) -> pl.DataFrame:
+        # One RNG per step, derived from the run seed: a resumed run sends the same prompts.
+        rng = random.Random(f"{self.ctx.seed}:self_instruct:{self.step}")
+        prompts = [build_prompt(self._examples(rng)) for _ in range(self.cfg.prompts_per_step)]
+        params = [dict(self.cfg.sampling, seed=rng.randrange(2**31)) for _ in prompts]
+        done = self.llm.generate(prompts, params)
+        rows = []
+        for c in done:
+            if not c.ok:
+                continue
+            items = parse_list(c.text)
+            for k, inst in enumerate(items):
+                reason = rule_reason(inst, min_words=self.cfg.min_words, max_words=self.cfg.max_words)
+                if reason is None and c.finish_reason == "length" and k == len(items) - 1:
+                    reason = "truncated"
+                if reason is None:
+                    novel, _ = self.index.add_if_novel(inst)
+                    if novel:
+                        self.machine.append(inst)
+                    else:
+                        reason = "too_similar"
+                rows.append({"instruction": inst, "method": "self_instruct", "model": self.llm.name,
+                             "round": self.ctx.round, "drop_reason": reason})
+        self.step += 1
+        errors = sum(not c.ok for c in done)
+        if errors:
+            print(f"self_instruct: {errors} of {len(done)} requests failed this step", file=sys.stderr)
+        return make_batch(rows)
+
+    def __call__(self):
+        idle = 0
+        while not self.cfg.max_steps or self.step < self.cfg.max_steps:
+            batch = self._one_step()
+            kept = batch["drop_reason"].is_null().sum()
+            idle = 0 if kept else idle + 1
+            yield batch
+            if idle >= self.cfg.patience:
+                print(f"self_instruct: no new instruction in {idle} steps; stopping", file=sys.stderr)
+                return
+
+
+@register("source", "self_instruct", SelfInstructConfig)
+def build(cfg: SelfInstructConfig, ctx: Context) -> SelfInstruct:
+    return SelfInstruct(cfg, ctx)

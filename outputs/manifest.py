@@ -1,0 +1,66 @@
+"""`manifest.json`: the commit record of a run directory.
+
+Only shards listed here are part of the dataset; the manifest is replaced atomically, so it is the
+single commit point of a run. Per-stage counts obey ``in + created == kept + dropped`` and each
+stage's ``in`` equals the previous stage's ``kept``; `count_problems` checks both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT = 1
+
+
+def load_manifest(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def save_manifest(run_dir: Path, manifest: dict) -> None:
+    path = Path(run_dir) / "manifest.json"
+    tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_row(name: str, n_in: int, kept: int, dropped: dict[str, int]) -> dict:
+    """One stage's counts; `created` is derived (rows the stage added)."""
+    total = sum(dropped.values())
+    return {"name": name, "in": n_in, "created": kept + total - n_in, "kept": kept,
+            "dropped": dict(sorted(dropped.items())), "dropped_total": total}
+
+
+def count_problems(manifest: dict) -> list[str]:
+    """Every way the manifest's counts fail to add up; empty when they do."""
+    out, prev_kept = [], None
+    for st in manifest.get("stages", []):
+        if st["in"] + st["created"] != st["kept"] + sum(st["dropped"].values()):
+            out.append(f"stage {st['name']}: in + created != kept + dropped")
+        if st["dropped_total"] != sum(st["dropped"].values()):
+            out.append(f"stage {st['name']}: dropped_total is not the sum of reasons")
+        if prev_kept is not None and st["in"] != prev_kept:
+            out.append(f"stage {st['name']}: in={st['in']} but the previous stage kept {prev_kept}")
+        if st["created"] < 0:
+            out.append(f"stage {st['name']}: negative created count")
+        prev_kept = st["kept"]
+    kept_rows = sum(s["rows"] for s in manifest.get("shards", [])) + manifest.get("pending_rows", {}).get("kept", 0)
+    rej_rows = sum(s["rows"] for s in manifest.get("rejects", [])) + manifest.get("pending_rows", {}).get("rejects", 0)
+    stages = manifest.get("stages", [])
+    if stages and kept_rows != stages[-1]["kept"]:
+        out.append(f"shards hold {kept_rows} rows but the last stage kept {stages[-1]['kept']}")
+    if stages and rej_rows != sum(s["dropped_total"] for s in stages):
+        out.append(f"rejects hold {rej_rows} rows but stages dropped {sum(s['dropped_total'] for s in stages)}")
+    return out

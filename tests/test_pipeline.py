@@ -1,0 +1,120 @@
+"""The runner, run store and self-instruct plumbing on a scripted backend: counts, rejects, resume."""
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from scripted_llm import scripted_factory
+from synthloop.generator.config import parse_config
+from synthloop.generator.runner import execute
+from synthloop.outputs.manifest import count_problems
+from synthloop.outputs.shards import REJECTS_SCHEMA
+from synthloop.generator.schema import SCHEMA
+
+CONFIG = """
+[run]
+name = "t"
+limit = {limit}
+shard_rows = 7
+cache = "{cache}"
+
+[llm.generator]
+backend = "transformers"
+
+[source]
+type = "self_instruct"
+prompts_per_step = 3
+
+[[stages]]
+type = "instances"
+"""
+
+
+def config(tmp_path, limit=30):
+    return parse_config(CONFIG.format(limit=limit, cache=tmp_path / "req.sqlite"), path="t.toml")
+
+
+def read(run):
+    kept = pl.concat([pl.read_parquet(run / e["path"]) for e in json.loads((run / "manifest.json").read_text())["shards"]])
+    return kept
+
+
+def test_run_writes_shards_rejects_and_consistent_counts(tmp_path):
+    run = tmp_path / "run"
+    m = execute(config(tmp_path), out=run, show_progress=False, backend_factory=scripted_factory())
+    assert m["complete"] and not count_problems(m)
+    kept = read(run)
+    assert kept.schema == SCHEMA
+    assert kept.height >= 30 and kept["id"].is_unique().all()
+    assert all(e["rows"] == 7 for e in m["shards"][:-1])
+    assert (kept["response"] != "").all() and (kept["method"] == "self_instruct").all()
+    rej = pl.concat([pl.read_parquet(run / e["path"]) for e in m["rejects"]])
+    assert rej.schema == REJECTS_SCHEMA
+    assert set(rej["drop_reason"]) >= {"unsupported_modality"}
+    si = next(s for s in m["stages"] if s["name"] == "self_instruct")
+    assert si["dropped"]["unsupported_modality"] >= 1
+    assert (kept["messages"].list.len() == 2).all()
+
+
+def test_rerun_of_complete_run_does_nothing(tmp_path):
+    run, backends = tmp_path / "run", []
+    execute(config(tmp_path), out=run, show_progress=False, backend_factory=scripted_factory())
+    before = (run / "manifest.json").read_text()
+    execute(config(tmp_path), out=run, show_progress=False, backend_factory=scripted_factory(backends))
+    assert backends == [] and (run / "manifest.json").read_text() == before
+
+
+def test_cache_makes_a_fresh_rerun_free_and_identical(tmp_path):
+    backends = []
+    execute(config(tmp_path), out=tmp_path / "a", show_progress=False, backend_factory=scripted_factory())
+    execute(config(tmp_path), out=tmp_path / "b", show_progress=False, backend_factory=scripted_factory(backends))
+    assert sum(b.stats.requests for b in backends) == 0
+    assert read(tmp_path / "a").equals(read(tmp_path / "b"))
+
+
+class Boom(Exception):
+    pass
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """Crash mid-run (after some commits), resume, and compare with a clean run of the same config."""
+    clean = tmp_path / "clean"
+    execute(config(tmp_path, limit=40), out=clean, show_progress=False, backend_factory=scripted_factory())
+    from synthloop.outputs import run_store
+    real = run_store.RunStore._commit
+    calls = {"n": 0}
+
+    def crashing(self, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Boom
+        return real(self, **kw)
+    monkeypatch.setattr(run_store.RunStore, "_commit", crashing)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(Boom):
+        execute(config(tmp_path, limit=40), out=crashed, show_progress=False, backend_factory=scripted_factory())
+    monkeypatch.setattr(run_store.RunStore, "_commit", real)
+    assert not json.loads((crashed / "manifest.json").read_text())["complete"]
+    m = execute(config(tmp_path, limit=40), out=crashed, show_progress=False, backend_factory=scripted_factory())
+    assert not count_problems(m)
+    assert read(crashed).equals(read(clean))
+    assert m["stages"] == json.loads((clean / "manifest.json").read_text())["stages"]
+
+
+def test_other_config_in_same_dir_is_refused(tmp_path):
+    from synthloop.outputs.run_store import ConfigMismatch
+    run = tmp_path / "run"
+    execute(config(tmp_path), out=run, show_progress=False, backend_factory=scripted_factory())
+    other = parse_config(CONFIG.format(limit=30, cache=tmp_path / "r.sqlite").replace("shard_rows = 7", "shard_rows = 8"))
+    with pytest.raises(ConfigMismatch):
+        execute(other, out=run, show_progress=False, backend_factory=scripted_factory())
+
+
+def test_raising_the_limit_continues_the_run(tmp_path):
+    run = tmp_path / "run"
+    execute(config(tmp_path, limit=10), out=run, show_progress=False, backend_factory=scripted_factory())
+    m = execute(config(tmp_path, limit=25), out=run, show_progress=False, backend_factory=scripted_factory())
+    kept = read(run)
+    assert kept.height >= 25 and kept["id"].is_unique().all() and not count_problems(m)
