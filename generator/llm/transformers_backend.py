@@ -1,13 +1,15 @@
 """transformers backend: batched `generate` on CPU or GPU, chat or raw prompts, optional LoRA adapter.
 
-Requests with identical settings are generated together in left-padded sub-batches of
-`batch_size`; settings go to `model.generate(**params)` as they are, except the portable names
-`max_tokens` (-> `max_new_tokens`), `seed` (seeds torch before the sub-batch), `stop` (cut after
-decoding) and `temperature` 0 (greedy).
+Requests with identical settings (seeds aside) are generated together in left-padded sub-batches
+of `batch_size`; settings go to `model.generate(**params)` as they are, except the portable names
+`max_tokens` (-> `max_new_tokens`), `seed` (the sub-batch's seeds together seed torch, so a
+sub-batch is reproducible; per-row seeds as in vLLM would force batch size 1), `stop` and
+`temperature` 0 (greedy).
 """
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Sequence
 
 from synthloop.generator.llm.base import Completion, Params, Request, Stats, cut_at_stop, per_request
@@ -54,11 +56,14 @@ class TransformersLLM:
         out: list[Completion | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(plist):
-            groups.setdefault(json.dumps(p, sort_keys=True), []).append(i)
+            groups.setdefault(json.dumps({k: v for k, v in p.items() if k != "seed"}, sort_keys=True), []).append(i)
         for key, idx in groups.items():
-            p = json.loads(key)
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s:s + self.batch_size]
+                p = json.loads(key)
+                seeds = [plist[i]["seed"] for i in chunk if plist[i].get("seed") is not None]
+                if seeds:
+                    p["seed"] = zlib.crc32(json.dumps(seeds).encode())
                 for i, c in zip(chunk, self._generate_chunk([self.render(requests[i]) for i in chunk], p)):
                     out[i] = c
         self.stats.calls += 1

