@@ -76,18 +76,19 @@ def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
         yield line, obj
 
 
-def _str(path, line, obj: dict, key: str, *, required: bool = True) -> str:
+def _str(path, line, obj: dict, key: str, *, required: bool = True, label: str = "") -> str:
+    label = label or key
     if not isinstance(obj, dict):
         raise SeedError(path, line, None, f"expected a JSON object, got {type(obj).__name__}")
     if key not in obj or obj[key] is None:
         if required:
-            raise SeedError(path, line, key, "missing")
+            raise SeedError(path, line, label, "missing")
         return ""
     val = obj[key]
     if not isinstance(val, str):
-        raise SeedError(path, line, key, f"must be a string, got {type(val).__name__}")
+        raise SeedError(path, line, label, f"must be a string, got {type(val).__name__}")
     if required and not val.strip():
-        raise SeedError(path, line, key, "is empty")
+        raise SeedError(path, line, label, "is empty")
     return val.strip()
 
 
@@ -101,8 +102,8 @@ def _self_instruct(path: Path) -> SeedSet:
         for k, it in enumerate(inst):
             if not isinstance(it, dict):
                 raise SeedError(path, line, f"instances[{k}]", "must be an object with input and output")
-            inp = _str(path, line, it, "input", required=False)
-            out = _str(path, line, it, "output")
+            inp = _str(path, line, it, "input", required=False, label=f"instances[{k}].input")
+            out = _str(path, line, it, "output", label=f"instances[{k}].output")
             rows.append({"instruction": ins, "input": inp, "response": out, "method": "seed"})
         flag = obj.get("is_classification", False)
         if not isinstance(flag, bool):
