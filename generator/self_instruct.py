@@ -51,8 +51,10 @@ class SelfInstructConfig:
     max_words: int = 150
     max_steps: int = 0                       # 0: until the run's limit
     patience: int = 10                       # stop after this many steps in a row keep nothing
+    # The paper sampled GPT-3 at top_p 0.5; a 135M model then repeats one item down the list
+    # (measured: 12 new instructions per 1k tokens vs 50 at temperature 1.0, top_p 0.9).
     sampling: dict = field(default_factory=lambda: {
-        "temperature": 0.7, "top_p": 0.5, "max_tokens": 320, "stop": ["\n\n", "\n17."]})
+        "temperature": 1.0, "top_p": 0.9, "max_tokens": 256, "stop": ["\n\n", "\n17."]})
 
 
 def build_prompt(examples: list[str]) -> str:

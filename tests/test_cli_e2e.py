@@ -35,7 +35,7 @@ options = {{ batch_size = 8 }}
 [source]
 type = "self_instruct"
 prompts_per_step = 4
-sampling = {{ temperature = 0.7, top_p = 0.5, max_tokens = 96, stop = ["\\n\\n", "\\n14."] }}
+sampling = {{ temperature = 1.0, top_p = 0.9, max_tokens = 96, stop = ["\\n\\n", "\\n14."] }}
 
 [[stages]]
 type = "instances"
