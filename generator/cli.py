@@ -3,6 +3,8 @@
     synthloop run CONFIG.toml [--out DIR] [--limit N]   grow a dataset (resumes if DIR has a run)
     synthloop models prepare [--force]                 write the embedded model to the local cache
     synthloop seeds check PATH [--format F]            validate a seed file
+    synthloop dedup | score | select IN... --out DIR   filters on your own data (filters/*_cli.py)
+    synthloop report RUN_DIR                           HTML report and dataset card
 
 Bad input exits 2 with one line naming the file, line and field; an interrupted run exits 130
 after committing what it had.
@@ -16,7 +18,11 @@ import signal
 import sys
 
 #: Modules that add their own subcommands through `add_parser(subparsers)`.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = [
+    "synthloop.filters.dedup_cli",     # synthloop dedup
+    "synthloop.filters.score_cli",     # synthloop score, synthloop select
+    "synthloop.outputs.report_cli",    # synthloop report
+]
 
 
 def _run(args) -> int:

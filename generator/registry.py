@@ -26,6 +26,7 @@ MODULES = [
     "synthloop.generator.sources",
     "synthloop.generator.self_instruct",
     "synthloop.generator.instances",
+    "synthloop.generator.evol", "synthloop.generator.distill", "synthloop.generator.magpie",
     "synthloop.filters.heuristics",
     "synthloop.filters.judge",
     "synthloop.filters.deita",

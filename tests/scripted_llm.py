@@ -9,8 +9,12 @@ from __future__ import annotations
 import hashlib
 import random
 
+from synthloop.generator.evol_prompts import HARDER_CLOSE, HARDER_OPEN, NEW_CLOSE, NEW_OPEN, SOURCE_CLOSE, SOURCE_OPEN
 from synthloop.generator.llm.base import Completion, Stats, per_request
 from synthloop.generator.llm.cache import CachedLLM
+
+#: The pre-query prefix scripted Magpie runs use (SmolLM2's user-turn opening).
+PRE_QUERY = "<|im_start|>user\n"
 
 WORDS = ("river mountain budget recipe planet garden poem email invoice bridge engine lesson orbit "
          "harvest ledger violin glacier tariff pixel sonnet protein canyon mortgage comet lantern "
@@ -40,7 +44,44 @@ class ScriptedLLM:
             return Completion(f" <none>\nOutput: {rng.choice(WORDS)} {rng.choice(WORDS)}.", "stop", 80, 8)
         if isinstance(request, str) and request.endswith("Class label:"):
             return Completion(f" Yes\nInput: {rng.choice(WORDS)}", "stop", 80, 4)
+        if isinstance(request, str) and request.endswith(PRE_QUERY):
+            return self._magpie(rng)
+        user = request[-1]["content"] if not isinstance(request, str) else ""
+        if SOURCE_OPEN in user:
+            return self._evolve(user, rng)
+        if user.endswith("SAME or DIFFERENT."):
+            return Completion("SAME" if rng.random() < 0.1 else "DIFFERENT", "stop", 60, 1)
+        if 'finish with "Score: N"' in user:
+            return Completion(f"Covers the task. Score: {rng.randint(1, 10)}", "stop", 90, 6)
         return Completion(" ".join(rng.choice(WORDS) for _ in range(12)) + ".", "stop", 30, 12)
+
+    @staticmethod
+    def _evolve(prompt: str, rng: random.Random) -> Completion:
+        """Evol rewrites: mostly a grown task; sometimes the task unchanged or a leaked marker."""
+        task = prompt.split(SOURCE_OPEN, 1)[1].split(SOURCE_CLOSE, 1)[0].strip()
+        breadth = NEW_OPEN in prompt
+        open_, close = (NEW_OPEN, NEW_CLOSE) if breadth else (HARDER_OPEN, HARDER_CLOSE)
+        roll = rng.random()
+        if roll < 0.1:
+            new = task
+        elif roll < 0.15:
+            new = f"Here is the harder task: {task}"
+        elif breadth:
+            new = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))).capitalize() + "?"
+        else:
+            new = f"{task} Also cover the {rng.choice(WORDS)}, the {rng.choice(WORDS)} and the {rng.choice(WORDS)}."
+        return Completion(f"{open_}\n{new}\n{close}", "stop", 200, 30)
+
+    @staticmethod
+    def _magpie(rng: random.Random) -> Completion:
+        """Magpie instructions: mostly a question; sometimes too short or empty."""
+        roll = rng.random()
+        if roll < 0.1:
+            return Completion("", "stop", 20, 0)
+        if roll < 0.2:
+            return Completion("Why?", "stop", 20, 2)
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))
+        return Completion(f"How do I plan a {words}?<|im_end|>", "stop", 20, 12)
 
     def generate(self, requests, params):
         out = [self._answer(r, p) for r, p in zip(requests, per_request(params, len(requests)))]
@@ -60,3 +101,39 @@ def scripted_factory(counter: list | None = None):
             counter.append(llm)
         return CachedLLM(llm, cache, "scripted") if cache is not None else llm
     return factory
+
+
+class FnLLM:
+    """A backend whose answers come from ``fn(request, params) -> Completion | str``; it records
+    every request and its settings in `sent` (for asserting prompt plumbing)."""
+
+    def __init__(self, fn, name: str = "fn"):
+        self.fn, self.name, self.stats, self.sent = fn, name, Stats(), []
+
+    def generate(self, requests, params):
+        out = []
+        for r, p in zip(requests, per_request(params, len(requests))):
+            self.sent.append((r, p))
+            c = self.fn(r, p)
+            out.append(Completion(c, "stop", 10, 5) if isinstance(c, str) else c)
+        self.stats.calls += 1
+        self.stats.add(out)
+        return out
+
+    def close(self):
+        pass
+
+
+def context(llms: dict, toml: str = "", seeds=None):
+    """A registry `Context` whose roles map to the given backends (missing roles fall back to
+    `llms["generator"]`, as in a run). `toml` adds [llm.*] tables for roles that must exist."""
+    from pathlib import Path
+
+    from synthloop.generator.config import parse_config
+    from synthloop.generator.registry import Context
+    from synthloop.seeds.loaders import load_seeds
+
+    roles = "".join(f'[llm.{r}]\nmodel = "{r}"\n' for r in llms)
+    cfg = parse_config(roles + toml, path="test.toml")
+    return Context(config=cfg, run_dir=Path("."), seeds=seeds or load_seeds("bundled"),
+                   open_llm=lambda spec: llms.get(spec.model, llms["generator"]))

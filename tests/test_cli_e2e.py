@@ -24,8 +24,8 @@ from synthloop.seeds.loaders import load_seeds
 CONFIG = """
 [run]
 name = "e2e"
-limit = 12
-shard_rows = 3
+limit = 6
+shard_rows = 2
 cache = "{cache}"
 
 [llm.generator]
@@ -34,13 +34,13 @@ options = {{ batch_size = 8 }}
 
 [source]
 type = "self_instruct"
-prompts_per_step = 4
+prompts_per_step = 3
 sampling = {{ temperature = 1.0, top_p = 0.9, max_tokens = 96, stop = ["\\n\\n", "\\n14."] }}
 
 [[stages]]
 type = "instances"
-instance_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 64, stop = ["###", "\\nTask:"] }}
-answer_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 96 }}
+instance_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 96, stop = ["###", "\\nTask:"] }}
+answer_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 128 }}
 """
 
 
@@ -75,6 +75,7 @@ def shards(out):
 
 
 @pytest.mark.model
+@pytest.mark.timeout(2400)
 def test_killed_and_resumed_run_equals_clean_run(tmp_path):
     cfg = tmp_path / "e2e.toml"
     cfg.write_text(CONFIG.format(cache=tmp_path / "requests.sqlite"))
@@ -82,13 +83,13 @@ def test_killed_and_resumed_run_equals_clean_run(tmp_path):
     assert kill_after_commit(cfg, out, 1) == -signal.SIGKILL
     assert kill_after_commit(cfg, out, commits(out) + 1) in (-signal.SIGKILL, 0)
     done = start(cfg, out)
-    stdout, stderr = done.communicate(timeout=900)
+    stdout, stderr = done.communicate(timeout=1200)
     assert done.returncode == 0, stderr[-2000:]
     assert json.loads(stdout)["complete"]
 
     clean = tmp_path / "clean"
     again = start(cfg, clean)
-    _, err = again.communicate(timeout=900)
+    _, err = again.communicate(timeout=1200)
     assert again.returncode == 0, err[-2000:]
 
     m, kept = shards(out)
@@ -98,7 +99,7 @@ def test_killed_and_resumed_run_equals_clean_run(tmp_path):
     assert m_clean["llm"]["last_process"]["requests"] == 0   # everything came from the cache
 
     # the dataset: new, model-written instructions with real responses
-    assert kept.height >= 12 and kept["id"].is_unique().all()
+    assert kept.height >= 6 and kept["id"].is_unique().all()
     assert (kept["method"] == "self_instruct").all() and (kept["response"].str.strip_chars() != "").all()
     seeds = NoveltyIndex(threshold=0.7)
     for t in load_seeds().records["instruction"].unique().to_list():

@@ -18,6 +18,11 @@ from synthloop.generator.llm.base import LLM, Completion, Params, Request, Stats
 
 
 def request_key(kind: str, model: str, request: Request, params: dict) -> str:
+    """SHA-256 of the canonical JSON of what determines an answer (the seed is part of `params`).
+
+    >>> request_key("vllm", "m", "Hi", {"seed": 1}) != request_key("vllm", "m", "Hi", {"seed": 2})
+    True
+    """
     body = json.dumps([kind, model, request, params], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()
 
@@ -68,7 +73,8 @@ class RequestCache:
 
 
 class CachedLLM:
-    """Wraps a backend: cached requests skip the model; `stats.cache_hits` counts them."""
+    """Wraps a backend: cached requests skip the model; `stats.cache_hits` counts them (a request
+    repeated within one call counts as a hit: the model answers it once)."""
 
     def __init__(self, inner: LLM, cache: RequestCache, kind: str):
         self.inner, self.cache, self.kind = inner, cache, kind
@@ -80,7 +86,12 @@ class CachedLLM:
         keys = [request_key(self.kind, self.name, r if isinstance(r, str) else list(map(dict, r)), p)
                 for r, p in zip(requests, plist)]
         found = self.cache.get(keys)
-        miss = [i for i, k in enumerate(keys) if k not in found]
+        # A key asked twice in one call is generated once (e.g. the same judge pair twice).
+        miss, asked = [], set()
+        for i, k in enumerate(keys):
+            if k not in found and k not in asked:
+                asked.add(k)
+                miss.append(i)
         self.stats.cache_hits += len(requests) - len(miss)
         if miss:
             got = self.inner.generate([requests[i] for i in miss], [plist[i] for i in miss])
