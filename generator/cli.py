@@ -1,6 +1,7 @@
 """The `synthloop` command.
 
     synthloop run CONFIG.toml [--out DIR] [--limit N]   grow a dataset (resumes if DIR has a run)
+    synthloop rounds CONFIG.toml [--out DIR]            self-improvement rounds (tuner/rounds.py)
     synthloop models prepare [--force]                 write the embedded model to the local cache
     synthloop seeds check PATH [--format F]            validate a seed file
     synthloop dedup | score | select IN... --out DIR   filters on your own data (filters/*_cli.py)
@@ -22,6 +23,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "synthloop.filters.dedup_cli",     # synthloop dedup
     "synthloop.filters.score_cli",     # synthloop score, synthloop select
     "synthloop.outputs.report_cli",    # synthloop report
+    "synthloop.tuner.cli",             # synthloop train, synthloop eval
 ]
 
 
@@ -35,6 +37,16 @@ def _run(args) -> int:
     print(json.dumps({"run_dir": str(args.out or cfg.run.out or f"runs/{cfg.run.name}"), "records": kept,
                       "shards": len(manifest["shards"]), "rejected": sum(s["dropped_total"] for s in manifest["stages"]),
                       "complete": manifest["complete"]}))
+    return 0
+
+
+def _rounds(args) -> int:
+    from synthloop.tuner.rounds import load_rounds_config, run_rounds
+
+    entries = run_rounds(load_rounds_config(args.config), args.out, show_progress=not args.quiet)
+    print(json.dumps([{"round": e["round"], "records": e.get("records"), "loss": e["eval"].get("loss"),
+                       "previous_loss": e["eval"].get("previous_loss"), "win_rate": e["eval"].get("win_rate")}
+                      for e in entries]))
     return 0
 
 
@@ -62,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="stop once this many records are kept")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=_run)
+    rr = sub.add_parser("rounds", help="self-improvement rounds: generate, curate, LoRA-train, evaluate")
+    rr.add_argument("config")
+    rr.add_argument("--out", help="rounds directory (default: [run] out, else runs/<name>)")
+    rr.add_argument("--quiet", action="store_true")
+    rr.set_defaults(fn=_rounds)
     m = sub.add_parser("models", help="manage the embedded model")
     msub = m.add_subparsers(dest="action", required=True)
     mp = msub.add_parser("prepare", help="convert the bundled SmolLM2 GGUF to a local HF folder")

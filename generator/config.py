@@ -95,12 +95,13 @@ def from_dict(cls: type, data: dict, *, path: str, text: str, table: str) -> Any
     return cls(**kwargs)
 
 
-def parse_config(text: str, *, path: str = "<config>") -> RunConfig:
+def parse_config(text: str, *, path: str = "<config>", extra_tables: tuple[str, ...] = ()) -> RunConfig:
+    """Parse and validate a run config; `extra_tables` are tables another reader checks (rounds)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
-    known = {"run", "llm", "seeds", "source", "stages"}
+    known = {"run", "llm", "seeds", "source", "stages", *extra_tables}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where(path, text, key)}: unknown table '{key}' (known: {', '.join(sorted(known))})")

@@ -1,0 +1,173 @@
+"""Self-improvement rounds: generate with the student, curate, LoRA-train it, evaluate, repeat.
+
+A rounds config is a run config (see generator/config.py) plus two tables::
+
+    [rounds]
+    count = 2                 # rounds r = 0 .. count-1
+    train_from = "base"       # "base": every adapter starts fresh; "last": continue the last one
+    hard_examples = 16        # instructions the student answers worst become next round's seeds
+    heldout = "bundled"       # held-out instruction/reference JSONL (tuner/data/heldout.jsonl)
+    win_rate = true           # judge the new student against the previous one ([llm.judge], else generator)
+    eval_limit = 0            # evaluate on the first N held-out pairs (0: all)
+
+    [train]                   # tuner.sft.TrainConfig (base_model comes from [llm.generator].model)
+    max_steps = 12
+
+Round r writes ``OUT/round-NN/`` (a run directory: shards, rejects, manifest), then
+``round-NN/adapter/`` and an entry in ``OUT/rounds.json``. Each phase has a file contract and is
+skipped when its output exists (a run whose manifest is complete, an adapter folder, an entry
+with an eval), so a killed loop resumes where it stopped. Generation in round r uses the adapter
+of round r-1 (vLLM: a `LoRARequest` per call; transformers: merged weights); dedup stages that
+take a ``preload`` list are given every earlier round's shards, so no round re-emits old data.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from synthloop.generator.config import ConfigError, RunConfig, from_dict, parse_config, where
+from synthloop.generator.llm.base import BackendSpec
+from synthloop.outputs.rounds import load_rounds, record_round
+from synthloop.outputs.run_reader import kept_paths, read_kept
+from synthloop.tuner.sft import TrainConfig
+
+DEDUP_TYPES = ("exact_dedup", "minhash_dedup", "semantic_dedup")
+
+
+@dataclass
+class RoundsSection:
+    count: int = 2
+    train_from: str = "base"       # base | last
+    hard_examples: int = 16
+    heldout: str = "bundled"
+    win_rate: bool = True
+    eval_limit: int = 0
+
+
+@dataclass
+class RoundsConfig:
+    run: RunConfig
+    rounds: RoundsSection
+    train: dict
+
+
+def load_rounds_config(path: str | Path) -> RoundsConfig:
+    """Read a rounds config; the [rounds] and [train] tables are checked like every other table."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    rounds = from_dict(RoundsSection, raw.get("rounds", {}), path=str(path), text=text, table="rounds")
+    if rounds.train_from not in ("base", "last") or rounds.count < 1:
+        raise ConfigError(f"{where(str(path), text, 'train_from')}: [rounds] needs count >= 1 and "
+                          f"train_from = \"base\" or \"last\"")
+    train = raw.get("train", {})
+    try:
+        from_dict(TrainConfig, train, path=str(path), text=text, table="train")
+    except ValueError as e:
+        raise ConfigError(str(e) if isinstance(e, ConfigError) else f"{path}: [train] {e}") from None
+    run = parse_config(text, path=str(path), extra_tables=("rounds", "train"))
+    return RoundsConfig(run=run, rounds=rounds, train=train)
+
+
+def round_config(cfg: RoundsConfig, r: int, *, adapter: str | None, seeds: str | None,
+                 earlier: list[Path]) -> RunConfig:
+    """The run config of round r: the student with last round's adapter, reseeded, deduped against earlier rounds."""
+    run = copy.deepcopy(cfg.run)
+    run.run.round = r
+    run.run.name = f"{cfg.run.run.name}-round-{r:02d}"
+    for role, spec in list(run.llm.items()):
+        if role == "generator" and adapter:
+            run.llm[role] = BackendSpec(backend=spec.backend, model=spec.model,
+                                        options={**spec.options, "adapter": adapter})
+    if seeds:
+        run.seeds.path, run.seeds.format = seeds, "alpaca"
+    globs = [str(p) for d in earlier for p in kept_paths(d)]
+    for st in run.stages:
+        if st["type"] in DEDUP_TYPES and globs:
+            st["preload"] = list(st.get("preload", [])) + globs
+    return run
+
+
+def _hard_examples(base_model: str, adapter: str, run_dir: Path, k: int, seeds_out: Path, original: str) -> int:
+    """Write the k kept instructions with the highest reference loss under the new student, plus the
+    original seeds, as an Alpaca JSON file; returns how many hard examples it holds."""
+    from synthloop.seeds.loaders import load_seeds
+    from synthloop.tuner.evaluate import load_student, reference_loss
+
+    kept = read_kept(run_dir, columns=["instruction", "input", "response"])
+    items = [{"instruction": i, "input": x, "output": y} for i, x, y in kept.iter_rows()]
+    model, tok = load_student(base_model, adapter)
+    losses = [reference_loss(model, tok, [it])["loss"] for it in items]
+    hard = [it for _, it in sorted(zip(losses, items), key=lambda t: -t[0])[:k]]
+    seeds = load_seeds(original).records
+    rows = [{"instruction": r["instruction"], "input": r["input"], "output": r["response"]}
+            for r in seeds.iter_rows(named=True)] + hard
+    tmp = seeds_out.with_name(seeds_out.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(seeds_out)
+    return len(hard)
+
+
+def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progress: bool = True) -> list[dict]:
+    """Run (or resume) every round; returns the rounds.json entries.
+
+    >>> run_rounds(load_rounds_config("configs/rounds-quickstart.toml"))   # doctest: +SKIP
+    """
+    from synthloop.generator.runner import execute
+    from synthloop.tuner.evaluate import evaluate
+    from synthloop.tuner.sft import summarize, train
+
+    out = Path(out or cfg.run.run.out or Path("runs") / cfg.run.run.name)
+    base_model = cfg.run.llm["generator"].model
+    done = {e["round"]: e for e in load_rounds(out)}
+    adapter: str | None = None
+    seeds: str | None = None
+    earlier: list[Path] = []
+    for r in range(cfg.rounds.count):
+        rdir = out / f"round-{r:02d}"
+        if r in done and done[r].get("eval"):
+            adapter, seeds = done[r]["adapter"] and str(out / done[r]["adapter"]), done[r].get("next_seeds")
+            seeds = seeds and str(out / seeds)
+            earlier.append(rdir)
+            print(f"round {r}: already complete", file=sys.stderr)
+            continue
+        print(f"round {r}: generating with {'base model' if not adapter else adapter}", file=sys.stderr)
+        execute(round_config(cfg, r, adapter=adapter, seeds=seeds, earlier=earlier), out=rdir,
+                show_progress=show_progress)
+        new_adapter = rdir / "adapter"
+        if not (new_adapter / "adapter_config.json").exists():
+            print(f"round {r}: training {new_adapter}", file=sys.stderr)
+            tcfg = TrainConfig(**{"base_model": base_model, **cfg.train,
+                                  "init_adapter": adapter if cfg.rounds.train_from == "last" else None})
+            train(tcfg, rdir, new_adapter, overwrite=True)
+        metrics = json.loads((new_adapter / "train_metrics.json").read_text())
+        print(f"round {r}: evaluating", file=sys.stderr)
+        judge = cfg.run.llm.get("judge") or cfg.run.llm["generator"]
+        heldout = None if cfg.rounds.heldout == "bundled" else cfg.rounds.heldout
+        ev = evaluate(base_model=base_model, adapter=str(new_adapter), previous_adapter=adapter,
+                      heldout=heldout, judge=judge if cfg.rounds.win_rate else None,
+                      seed=cfg.run.run.seed, limit=cfg.rounds.eval_limit or None)
+        next_seeds = None
+        if cfg.rounds.hard_examples and r + 1 < cfg.rounds.count:
+            next_seeds = rdir / "next_seeds.json"
+            ev["hard_examples"] = _hard_examples(base_model, str(new_adapter), rdir, cfg.rounds.hard_examples,
+                                                 next_seeds, cfg.run.seeds.path)
+        record_round(out, {"round": r, "run_dir": rdir.name, "adapter": f"{rdir.name}/adapter",
+                           "next_seeds": next_seeds and f"{rdir.name}/{next_seeds.name}",
+                           "records": pl.scan_parquet(kept_paths(rdir)).select(pl.len()).collect().item()
+                           if kept_paths(rdir) else 0,
+                           "train_metrics": summarize(metrics), "eval": ev})
+        adapter, seeds = str(new_adapter), next_seeds and str(next_seeds)
+        earlier.append(rdir)
+    return load_rounds(out)
