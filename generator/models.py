@@ -80,6 +80,18 @@ def prepare_embedded(root: Path | None = None, *, force: bool = False) -> Path:
     return target
 
 
+def adapter_fingerprint(adapter: str) -> str:
+    """Short content hash of a LoRA adapter folder: a retrained adapter at the same path gets a new
+    backend name, so the request cache never serves answers of the old weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(adapter).glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def resolve_model(name: str) -> str:
     """Turn a model reference from a config into a local path: `embedded` or an existing folder."""
     if name == EMBEDDED:

@@ -44,10 +44,29 @@ answer_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 128 }}
 """
 
 
+CHILDREN: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def reap_children():
+    """A failed or timed-out test must not leave a generating process behind."""
+    yield
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    CHILDREN.clear()
+
+
 def start(cfg, out):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "synthloop.generator.cli", "run", str(cfg), "--out", str(out),
-                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _track(subprocess.Popen([sys.executable, "-m", "synthloop.generator.cli", "run", str(cfg), "--out", str(out),
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+
+def _track(p: subprocess.Popen) -> subprocess.Popen:
+    CHILDREN.append(p)
+    return p
 
 
 def commits(out) -> int:

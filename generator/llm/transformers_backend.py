@@ -13,7 +13,7 @@ import zlib
 from typing import Sequence
 
 from synthloop.generator.llm.base import Completion, Params, Request, Stats, cut_at_stop, per_request
-from synthloop.generator.models import resolve_model
+from synthloop.generator.models import adapter_fingerprint, resolve_model
 
 
 class TransformersLLM:
@@ -42,7 +42,7 @@ class TransformersLLM:
             # Merged weights: generation runs at base-model speed and nothing else changes.
             self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload().eval()
         self.batch_size = batch_size
-        self.name = name or (model if not adapter else f"{model}+{adapter}")
+        self.name = name or (model if not adapter else f"{model}+{adapter}@{adapter_fingerprint(adapter)}")
         self.stats = Stats()
         self._torch = torch
 

@@ -12,7 +12,7 @@ import os
 from typing import Sequence
 
 from synthloop.generator.llm.base import Completion, Params, Request, Stats, per_request
-from synthloop.generator.models import resolve_model
+from synthloop.generator.models import adapter_fingerprint, resolve_model
 
 
 class VLLMLLM:
@@ -44,7 +44,7 @@ class VLLMLLM:
         self.engine = LLM(model=path, **engine_options)
         self.tokenizer = self.engine.get_tokenizer()
         self.adapter = adapter
-        self.name = name or (model if not adapter else f"{model}+{adapter}")
+        self.name = name or (model if not adapter else f"{model}+{adapter}@{adapter_fingerprint(adapter)}")
         self.stats = Stats()
 
     def render(self, request: Request) -> str:

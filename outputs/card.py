@@ -1,0 +1,140 @@
+"""A dataset card (``README.md`` in the run directory), in the Hugging Face Hub's format.
+
+The YAML header tells the Hub (and ``datasets.load_dataset``) where the Parquet shards are; the
+body gives the schema, counts per stage and per method, drop reasons, models, the rounds (if
+any) and the exact config text, all read from the manifests and the committed shards.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from synthloop.generator.schema import SCHEMA, SCORES
+from synthloop.outputs.manifest import load_manifest
+from synthloop.outputs.rounds import load_rounds
+from synthloop.outputs.run_reader import read_kept, round_dirs, run_dirs
+
+COLUMNS = {
+    "id": "content hash of the normalised instruction + input (stable across runs and rounds)",
+    "instruction": "the task",
+    "input": "optional context for the task (\"\" when none)",
+    "response": "the answer",
+    "messages": "the same pair in chat form (`role`, `content`): what TRL and axolotl read",
+    "method": "how the record was made: seed, self_instruct, evol:<op>, distill, magpie, ...",
+    "parent_id": "the record it was derived from (lineage), if any",
+    "generation": "evolution depth (0 for anything not evolved)",
+    "round": "self-improvement round that produced it",
+    "model": "model that wrote the record",
+    "scores": "scorer outputs (" + ", ".join(f.name for f in SCORES.fields) + "); null where unscored",
+    "drop_reason": "always null in the kept data (set only in rejects/)",
+}
+
+
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows), ""]
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return name
+    return "n>10M"
+
+
+def render_card(run_dir: str | Path) -> str:
+    """The card's Markdown text for a run directory or a rounds directory.
+
+    >>> print(render_card("runs/quickstart")[:3])      # doctest: +SKIP
+    ---
+    """
+    run_dir = Path(run_dir)
+    runs = [(rnd, path, load_manifest(path) or {}) for rnd, path in run_dirs(run_dir)]
+    kept = pl.concat([read_kept(p, ["method", "round", "scores"]) for _, p, _ in runs], how="vertical")
+    is_rounds = bool(round_dirs(run_dir))
+    data_glob = "round-*/data/*.parquet" if is_rounds else "data/*.parquet"
+    first = runs[0][2]
+    name = first.get("name", run_dir.name)
+    complete = all(m.get("complete") for _, _, m in runs)
+    lines = ["---", f"pretty_name: {name}", "language:", "- en", "task_categories:", "- text-generation",
+             "tags:", "- synthetic", "- instruction-tuning", "- synthloop",
+             "size_categories:", f"- {_size_category(kept.height)}",
+             "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {data_glob}",
+             "---", "", f"# {name}", "",
+             f"Synthetic instruction/response data grown from seed tasks by synthloop: {kept.height} records"
+             + (f" over {len(runs)} rounds" if is_rounds else "") + "."
+             + ("" if complete else " **The run is not complete**: rows not yet filling a shard are held in "
+                "pending/ and are not matched by the data files above."), ""]
+
+    lines += ["## Loading", "", "```python", "from datasets import load_dataset",
+              f"ds = load_dataset(\"parquet\", data_files=\"{run_dir}/{data_glob}\", split=\"train\")",
+              "# TRL's SFTTrainer reads the `messages` column as a conversational dataset:",
+              "# SFTTrainer(model=..., train_dataset=ds.select_columns([\"messages\"]), ...)", "```", ""]
+
+    lines += ["## Schema", ""] + _md_table(["column", "type", "meaning"],
+                                           [[c, str(t), COLUMNS.get(c, "")] for c, t in SCHEMA.items()])
+
+    by_method = kept.group_by("method").len("records").sort("records", descending=True)
+    lines += ["## Records per generation method", ""] + _md_table(["method", "records"], by_method.rows())
+
+    for rnd, path, m in runs:
+        title = f"## Pipeline, round {rnd}" if rnd is not None else "## Pipeline"
+        stages = m.get("stages", [])
+        lines += [title, ""] + _md_table(
+            ["stage", "in", "created", "kept", "dropped", "drop reasons"],
+            [[s["name"], s["in"], s["created"], s["kept"], s["dropped_total"],
+              ", ".join(f"{k}: {v}" for k, v in s.get("dropped", {}).items())] for s in stages])
+
+    scored = [(f.name, kept["scores"].struct.field(f.name).drop_nulls()) for f in SCORES.fields] if kept.height else []
+    scored = [(n, s) for n, s in scored if s.len()]
+    if scored:
+        lines += ["## Scores (kept records)", ""] + _md_table(
+            ["field", "scored", "mean", "min", "max"],
+            [[n, s.len(), f"{s.mean():.3f}", f"{s.min():.3f}", f"{s.max():.3f}"] for n, s in scored])
+
+    models = {}
+    for rnd, _, m in runs:
+        for role, model in m.get("models", {}).items():
+            models.setdefault((role, model), []).append("all" if rnd is None else str(rnd))
+    lines += ["## Models", ""] + _md_table(["role", "backend:model", "rounds"],
+                                           [[r, mdl, ", ".join(rs)] for (r, mdl), rs in models.items()])
+    usage = [[rnd if rnd is not None else "", *(m.get("llm", {}).get("total", {}).get(k, 0)
+              for k in ("requests", "errors", "cache_hits", "prompt_tokens", "completion_tokens"))]
+             for rnd, _, m in runs]
+    lines += ["LLM usage:", ""] + _md_table(["round", "requests", "errors", "cache hits", "prompt tokens",
+                                             "completion tokens"], usage)
+
+    rounds = load_rounds(run_dir)
+    if rounds:
+        lines += ["## Rounds", "", "Each round's student was LoRA-trained on the curated data and evaluated on a "
+                  "held-out set (loss of reference answers; judge win-rate against the previous student).", ""]
+        lines += _md_table(["round", "adapter", "held-out loss", "win-rate"],
+                           [[r["round"], r.get("adapter") or "(base)", _num((r.get("eval") or {}).get("loss")),
+                             _num((r.get("eval") or {}).get("win_rate"))] for r in rounds])
+
+    seeds = first.get("seeds", {})
+    lines += ["## Seeds", "", f"{seeds.get('records', '?')} seed records from `{seeds.get('path', '?')}`.", "",
+              "## Config", "", f"From `{first.get('config_path', '')}` (config hash {first.get('config_hash', '')}):", "",
+              "```toml", (first.get("config") or "").rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def write_card(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/README.md`` (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    path = run_dir / "README.md"
+    tmp = run_dir / f".README.md.tmp-{os.getpid()}"
+    tmp.write_text(render_card(run_dir))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,64 @@
+"""`rounds.json`: the record of a self-improvement loop, one entry per finished round.
+
+It lives at the top of a rounds directory, next to the ``round-NN/`` run directories::
+
+    {"format": 1,
+     "rounds": [
+       {"round": 0,
+        "run_dir": "round-00",                        # relative to the rounds directory
+        "adapter": "round-00/adapter",                # null: this round's student is the base model
+        "train_metrics": {"steps": 120, "final_loss": 1.41, "seconds": 960.0, "tokens": 412345},
+        "eval": {"loss": 1.52,                        # mean reference-token loss on the held-out set
+                 "base_loss": 1.71,                   # the same for the base model (optional)
+                 "win_rate": 0.58,                    # judge: new student vs previous (null if not run)
+                 "wins": 23, "losses": 16, "ties": 2, "parse_failures": 1, "n": 42}}]}
+
+`train_metrics` is a summary of the adapter's train_metrics.json (the per-step losses stay there).
+Entries are replaced by round number, so re-running a round overwrites its entry; the file is
+written atomically, so a killed loop leaves the previous version.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT = 1
+FILENAME = "rounds.json"
+
+
+def load_rounds(run_dir: str | Path) -> list[dict]:
+    """The entries of ``run_dir/rounds.json`` sorted by round; [] when there is none.
+
+    >>> load_rounds("runs/loop")[0]["eval"]["loss"]     # doctest: +SKIP
+    1.52
+    """
+    path = Path(run_dir) / FILENAME
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    rounds = data.get("rounds") if isinstance(data, dict) else None
+    if not isinstance(rounds, list) or any(not isinstance(r, dict) or "round" not in r for r in rounds):
+        raise ValueError(f"{path}: expected {{\"rounds\": [{{\"round\": N, ...}}, ...]}}")
+    return sorted(rounds, key=lambda r: r["round"])
+
+
+def record_round(run_dir: str | Path, entry: dict) -> list[dict]:
+    """Add (or replace, by round number) one entry and rewrite rounds.json atomically."""
+    if not isinstance(entry.get("round"), int):
+        raise ValueError("a rounds.json entry needs an integer 'round'")
+    run_dir = Path(run_dir)
+    rounds = [r for r in load_rounds(run_dir) if r["round"] != entry["round"]] + [entry]
+    rounds.sort(key=lambda r: r["round"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / FILENAME
+    tmp = path.with_name(f".{FILENAME}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"format": FORMAT, "rounds": rounds}, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rounds
