@@ -1,0 +1,66 @@
+"""numba kernels with an on-disk cache that notices edits to the helpers they call.
+
+numba's cache (``cache=True``) saves compiling (seconds per kernel) in every new process, but it
+checks only the file that defines a kernel: a kernel in minhash.py that calls a tokeniser in
+normalize.py keeps running the old tokeniser after normalize.py changes. `kernel` hashes all the
+dedup kernel sources once per process and drops our cached machine code when that hash changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numba as nb
+
+#: Files whose numba functions call each other; an edit to any of them invalidates all.
+KERNEL_FILES = ("jit.py", "hashtable.py", "normalize.py", "lsh.py", "minhash.py")
+
+_HERE = Path(__file__).resolve().parent
+_checked = False
+
+
+def _sources_digest() -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in KERNEL_FILES:
+        path = _HERE / name
+        h.update(path.read_bytes() if path.exists() else b"")
+    return h.hexdigest()
+
+
+def _drop_stale_cache() -> None:
+    global _checked
+    if _checked:
+        return
+    _checked = True
+    cache = _HERE / "__pycache__"
+    stamp = cache / "dedup-kernels.digest"
+    digest = _sources_digest()
+    try:
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        for name in KERNEL_FILES:
+            for f in cache.glob(f"{Path(name).stem}.*.nb[ic]"):
+                f.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        pass  # read-only install: numba then caches under the user's cache dir, files never change
+
+
+def kernel(**options):
+    """``numba.njit(cache=True, **options)`` whose cache is dropped when any kernel file changed.
+
+    Example (in one of KERNEL_FILES)::
+
+        @kernel(parallel=True)
+        def _exact_keys(data, offsets): ...
+    """
+    # numba keys its cache by source file, but the cached code re-imports its module by name: a
+    # kernel cached while its file was imported under another name (``pytest --doctest-modules
+    # filters/`` imports ``filters.minhash``) breaks every later ``synthloop.filters`` process.
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    if not caller.startswith("synthloop.filters."):
+        return nb.njit(**options)
+    _drop_stale_cache()
+    return nb.njit(cache=True, **options)
