@@ -129,7 +129,9 @@ class SelfInstruct:
     def _examples(self, rng: random.Random) -> list[str]:
         n_machine = min(self.cfg.machine_examples, len(self.machine))
         picked = rng.sample(self.seed_tasks, self.cfg.seed_examples + self.cfg.machine_examples - n_machine)
-        picked += rng.sample(self.machine, n_machine)
+        # Sample from a canonical order: a resumed run rebuilds the pool from shards in another
+        # order, and must still draw exactly the examples an uninterrupted run would.
+        picked += rng.sample(sorted(self.machine), n_machine)
         rng.shuffle(picked)
         return picked
 

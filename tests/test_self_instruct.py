@@ -37,3 +37,19 @@ def test_instance_parsers():
     assert parse_input_first(" The cat sat.\nOutput: Le chat.") == ("The cat sat.", "Le chat.")
     assert parse_input_first(" no output marker") is None
     assert parse_output_first(" Negative\nInput: It broke on day one.") == ("It broke on day one.", "Negative")
+
+
+def test_in_context_examples_do_not_depend_on_pool_order():
+    """A resumed run rebuilds the machine pool in another order; it must draw the same examples."""
+    import random
+    from types import SimpleNamespace
+
+    from scripted_llm import ScriptedLLM
+    from synthloop.generator.self_instruct import SelfInstruct, SelfInstructConfig
+    from synthloop.seeds.loaders import load_seeds
+
+    ctx = SimpleNamespace(seeds=load_seeds(), seed=0, round=0, llm=lambda role: ScriptedLLM())
+    a, b = SelfInstruct(SelfInstructConfig(), ctx), SelfInstruct(SelfInstructConfig(), ctx)
+    pool = [f"Machine task number {i} about rivers." for i in range(20)]
+    a.machine, b.machine = list(pool), list(reversed(pool))
+    assert a._examples(random.Random(7)) == b._examples(random.Random(7))
