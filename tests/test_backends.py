@@ -35,8 +35,10 @@ def hf_llm():
 @pytest.fixture(scope="session")
 def vllm_llm():
     pytest.importorskip("vllm")
-    return open_llm(BackendSpec(backend="vllm", model="embedded",
-                                options={"enforce_eager": True, "max_model_len": 2048}))
+    llm = open_llm(BackendSpec(backend="vllm", model="embedded",
+                               options={"enforce_eager": True, "max_model_len": 2048}))
+    yield llm
+    llm.close()
 
 
 @pytest.fixture(scope="session")

@@ -81,4 +81,9 @@ class VLLMLLM:
         return res
 
     def close(self) -> None:
-        self.engine = None
+        """Stop the engine-core process: left running, it blocks interpreter exit forever."""
+        if self.engine is not None:
+            core = getattr(getattr(self.engine, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.engine = None
