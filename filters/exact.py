@@ -20,7 +20,7 @@ import polars as pl
 
 from synthloop.filters.hashtable import U64Set
 from synthloop.filters.normalize import exact_keys
-from synthloop.filters.preload import iter_frames
+from synthloop.filters.preload import PreloadedIndex
 from synthloop.generator.registry import register
 from synthloop.generator.stages import drop_where, per_batch
 
@@ -33,7 +33,7 @@ class ExactConfig:
     preload: list = field(default_factory=list)   # Parquet paths/globs indexed before the stream
 
 
-class ExactDedup:
+class ExactDedup(PreloadedIndex):
     """Keep the first row of every group of rows whose normalised text columns are equal.
 
     >>> from synthloop.generator.schema import make_batch
@@ -70,22 +70,10 @@ class ExactDedup:
             n += df.height
         return n
 
-    def preload(self, source: Sequence[str | Path] | pl.LazyFrame, *, batch_rows: int = 65536) -> int:
-        """Index every row of earlier shards (paths, globs or a LazyFrame)."""
-        return self.add(iter_frames(source, self.cfg.text_columns, batch_rows))
 
     def state(self) -> dict:
         return {"indexed_keys": self.index.count}
 
-    def restore(self, state: dict, committed) -> None:
-        """Rebuild from preload + every row an earlier process already kept."""
-        self.reset()
-        if self.cfg.preload:
-            self.preload(self.cfg.preload)
-        self.preload(committed.kept())
-
-    def close(self) -> None:
-        self.reset()
 
 
 @register("stage", "exact_dedup", ExactConfig)

@@ -29,7 +29,7 @@ import polars as pl
 from synthloop.filters.hashtable import nonzero
 from synthloop.filters.jit import kernel
 from synthloop.filters.lsh import LSHIndex, optimal_bands_rows
-from synthloop.filters.preload import iter_frames
+from synthloop.filters.preload import PreloadedIndex
 from synthloop.filters.normalize import (char_tokens, fmix64, joined_text, n_shingles,
                                          shingle_hash, shingle_sets, utf8_buffer, word_tokens)
 from synthloop.generator.registry import register
@@ -130,7 +130,7 @@ class MinHashConfig:
     preload: list = field(default_factory=list)   # Parquet paths/globs indexed before the stream
 
 
-class MinHashDedup:
+class MinHashDedup(PreloadedIndex):
     """Streaming keep-first near-duplicate filter; rows it drops get drop_reason "near_duplicate".
 
     >>> from synthloop.generator.schema import make_batch
@@ -187,23 +187,11 @@ class MinHashDedup:
                 n += df.height
         return n
 
-    def preload(self, source: Sequence[str | Path] | pl.LazyFrame, *, batch_rows: int = 65536) -> int:
-        """Index every row of earlier shards (paths, globs or a LazyFrame); returns rows indexed."""
-        return self.add(iter_frames(source, self.cfg.text_columns, batch_rows))
 
     # -- stage protocol ------------------------------------------------------------------------
     def state(self) -> dict:
         return {"indexed_docs": self.index.docs}
 
-    def restore(self, state: dict, committed) -> None:
-        """Rebuild from preload + every row an earlier process already kept."""
-        self.reset()
-        if self.cfg.preload:
-            self.preload(self.cfg.preload)
-        self.preload(committed.kept())
-
-    def close(self) -> None:
-        self.reset()  # let go of the index memory
 
 
 @register("stage", "minhash_dedup", MinHashConfig)

@@ -43,3 +43,22 @@ def iter_frames(source: Sequence[str | Path] | pl.LazyFrame, columns: Sequence[s
     for batch in lf.select(list(columns)).collect_batches(chunk_size=batch_rows):
         if batch.height:
             yield batch
+
+
+class PreloadedIndex:
+    """Shared resume logic of the keep-first dedup stages: subclasses provide `cfg` (with
+    `text_columns` and `preload`), `add(frames)` and `reset()`."""
+
+    def preload(self, source: Sequence[str | Path] | pl.LazyFrame, *, batch_rows: int = 65536) -> int:
+        """Index every row of earlier shards (paths, globs or a LazyFrame); returns rows indexed."""
+        return self.add(iter_frames(source, self.cfg.text_columns, batch_rows))
+
+    def restore(self, state: dict, committed) -> None:
+        """Rebuild from preload + every row an earlier process already kept."""
+        self.reset()
+        if self.cfg.preload:
+            self.preload(self.cfg.preload)
+        self.preload(committed.kept())
+
+    def close(self) -> None:
+        self.reset()  # let go of the index memory
