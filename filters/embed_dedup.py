@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from synthloop.filters.normalize import joined_text
-from synthloop.filters.preload import iter_frames
+from synthloop.filters.preload import PreloadedIndex
 from synthloop.generator.registry import register
 from synthloop.generator.stages import drop_where, per_batch
 
@@ -194,7 +194,7 @@ class SemanticConfig:
     preload: list = field(default_factory=list)   # Parquet paths/globs indexed before the stream
 
 
-class SemanticDedup:
+class SemanticDedup(PreloadedIndex):
     """Streaming embedding dedup; drops get drop_reason "semantic_duplicate".
 
     >>> from synthloop.generator.schema import make_batch
@@ -203,6 +203,8 @@ class SemanticDedup:
     >>> dd.mark(b)["drop_reason"].to_list()
     [None, 'semantic_duplicate']
     """
+
+    batch_rows = 4096          # rows embedded per preload batch
 
     def __init__(self, cfg: SemanticConfig | None = None):
         cfg = cfg or SemanticConfig()
@@ -259,21 +261,8 @@ class SemanticDedup:
             n += df.height
         return n
 
-    def preload(self, source: Sequence[str | Path] | pl.LazyFrame, *, batch_rows: int = 4096) -> int:
-        return self.add(iter_frames(source, self.cfg.text_columns, batch_rows))
-
     def state(self) -> dict:
         return {"indexed": int(self.index.ntotal)}
-
-    def restore(self, state: dict, committed) -> None:
-        """Re-embed preload + every row an earlier process kept (the index is not persisted)."""
-        self.reset()
-        if self.cfg.preload:
-            self.preload(self.cfg.preload)
-        self.preload(committed.kept())
-
-    def close(self) -> None:
-        self.reset()
 
 
 def _quality(df: pl.DataFrame) -> np.ndarray | None:

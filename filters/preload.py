@@ -47,18 +47,22 @@ def iter_frames(source: Sequence[str | Path] | pl.LazyFrame, columns: Sequence[s
 
 class PreloadedIndex:
     """Shared resume logic of the keep-first dedup stages: subclasses provide `cfg` (with
-    `text_columns` and `preload`), `add(frames)` and `reset()`."""
+    `text_columns` and `preload`), `add(frames)` and `reset()`, and may set `batch_rows`."""
 
-    def preload(self, source: Sequence[str | Path] | pl.LazyFrame, *, batch_rows: int = 65536) -> int:
+    batch_rows = 65536
+
+    def preload(self, source: Sequence[str | Path] | pl.LazyFrame, *, batch_rows: int | None = None) -> int:
         """Index every row of earlier shards (paths, globs or a LazyFrame); returns rows indexed."""
-        return self.add(iter_frames(source, self.cfg.text_columns, batch_rows))
+        return self.add(iter_frames(source, self.cfg.text_columns, batch_rows or self.batch_rows))
 
     def restore(self, state: dict, committed) -> None:
-        """Rebuild from preload + every row an earlier process already kept."""
+        """Rebuild from preload + every row that passed this stage in an earlier process: the kept
+        rows and the rows a later stage dropped, exactly the rows an uninterrupted run indexed
+        (rows that a stage after this one created are indexed too, a superset)."""
         self.reset()
         if self.cfg.preload:
             self.preload(self.cfg.preload)
-        self.preload(committed.kept())
+        self.preload(committed.passed())
 
     def close(self) -> None:
         self.reset()  # let go of the index memory

@@ -61,7 +61,8 @@ class RunConfig:
 
 def line_of(text: str, key: str) -> int | None:
     """First line (1-based) where `key` is assigned or opens a table in TOML `text`."""
-    pat = re.compile(rf"^\s*(\[+\s*)?[\w.\"]*\b{re.escape(key)}\b\s*(=|\])")
+    # `key = ...`, `[table.key]`, or a key inside an inline table: `{ a = 1, key = 2 }`.
+    pat = re.compile(rf"(^\s*(\[+\s*)?[\w.\"]*|[{{,]\s*)\b{re.escape(key)}\b\s*(=|\])")
     for i, line in enumerate(text.splitlines(), 1):
         if pat.search(line):
             return i

@@ -122,10 +122,8 @@ class Magpie:
     def restore(self, state: dict, committed) -> None:
         """Refill the seen set with instructions this source passed on in earlier processes."""
         self.step = state.get("step", 0)
-        kept = committed.kept().filter(pl.col("method") == "magpie").select("id")
-        later = (committed.rejects().filter((pl.col("method") == "magpie") & (pl.col("drop_stage") != self.name))
-                 .select("id"))
-        self.seen.update(pl.concat([kept, later]).collect()["id"].to_list())
+        mine = committed.passed().filter(pl.col("method") == "magpie").select("id")
+        self.seen.update(mine.collect()["id"].to_list())
 
     def _one_step(self) -> pl.DataFrame:
         cfg = self.cfg

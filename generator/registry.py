@@ -23,7 +23,7 @@ from synthloop.seeds.loaders import SeedSet
 
 #: Modules whose import registers sources and stages.
 MODULES = [
-    "synthloop.generator.sources",
+    "synthloop.generator.sources", "synthloop.generator.mix",
     "synthloop.generator.self_instruct",
     "synthloop.generator.instances",
     "synthloop.generator.evol", "synthloop.generator.distill", "synthloop.generator.magpie",
@@ -107,10 +107,15 @@ def validate(cfg: RunConfig) -> None:
                               f"transformers, vllm or openai, got '{spec.backend}'")
     tables = [("source", cfg.source, "source")] + [
         ("stage", st, f"stages.{i}") for i, st in enumerate(cfg.stages)]
+    # A mix source's parts are source tables too (generator/mix.py).
+    tables[1:1] = [("source", t, f"source.sources.{i}") for i, t in enumerate(cfg.source.get("sources", []))
+                   if cfg.source.get("type") == "mix" and isinstance(t, dict)]
     seen = set()
     for kind, table, label in tables:
         cls, _, rest = _split(kind, table, cfg, label)
         from_dict(cls, rest, path=cfg.path, text=cfg.text, table=label)
+        if label.startswith("source."):
+            continue                      # parts share the mix's name
         name = table.get("name", table["type"])
         if name in seen:
             raise ConfigError(f"{cfg.path}: two stages named '{name}'; give one a 'name'")

@@ -23,6 +23,7 @@ from synthloop.generator.config import RunConfig
 from synthloop.generator.llm import RequestCache, open_llm
 from synthloop.generator.models import cache_dir
 from synthloop.generator.registry import Context, build
+from synthloop.generator.schema import SCHEMA
 from synthloop.generator.stages import Batches
 from synthloop.outputs.manifest import stage_row
 from synthloop.outputs.run_store import RunStore
@@ -50,16 +51,21 @@ class Counts:
 
 
 class _Committed:
-    """The `committed` view handed to `restore()`."""
+    """The `committed` view handed to one part's `restore()`; `later` names the parts after it."""
 
-    def __init__(self, store: RunStore):
-        self.store = store
+    def __init__(self, store: RunStore, later: tuple[str, ...] = ()):
+        self.store, self.later = store, later
 
     def kept(self) -> pl.LazyFrame:
         return self.store.committed_kept()
 
     def rejects(self) -> pl.LazyFrame:
         return self.store.committed_rejects()
+
+    def passed(self) -> pl.LazyFrame:
+        """Rows that came out of this part: kept rows plus rows a later part dropped."""
+        later = self.rejects().filter(pl.col("drop_stage").is_in(list(self.later)))
+        return pl.concat([self.kept(), later.select(list(SCHEMA.names()))])
 
 
 def _count_in(batches: Batches, c: Counts) -> Batches:
@@ -162,7 +168,7 @@ def _llm_totals(ctx: Context, before: dict) -> dict:
 
 def _drive(pipe: Pipeline, store: RunStore, prev: dict | None, limit: int, show_progress: bool) -> dict:
     counts = [Counts(getattr(p, "name", type(p).__name__)) for p in pipe.parts] + [Counts("write")]
-    committed = _Committed(store)
+    names = [c.name for c in counts]
     llm_before = (prev or {}).get("llm", {})
     if prev:
         rows = {r["name"]: r for r in prev.get("stages", [])}
@@ -171,7 +177,8 @@ def _drive(pipe: Pipeline, store: RunStore, prev: dict | None, limit: int, show_
                 c.load(rows[c.name])
         for part in pipe.parts:
             if hasattr(part, "restore"):
-                part.restore(prev.get("state", {}).get(part.name, {}), committed)
+                later = tuple(names[names.index(part.name) + 1:])
+                part.restore(prev.get("state", {}).get(part.name, {}), _Committed(store, later))
 
     stream: Iterator[pl.DataFrame] = _split(pipe.source(), counts[0], store)
     for st, c in zip(pipe.stages, counts[1:-1]):

@@ -119,10 +119,8 @@ class SelfInstruct:
     def restore(self, state: dict, committed) -> None:
         """Refill the pool with every instruction this source accepted in earlier processes."""
         self.step = state.get("step", 0)
-        kept = committed.kept().filter(pl.col("method") == "self_instruct").select("instruction")
-        later = (committed.rejects().filter((pl.col("method") == "self_instruct")
-                                            & (pl.col("drop_stage") != self.name)).select("instruction"))
-        for t in pl.concat([kept, later]).collect()["instruction"].to_list():
+        mine = committed.passed().filter(pl.col("method") == "self_instruct").select("instruction")
+        for t in mine.collect()["instruction"].to_list():
             self.machine.append(t)
             self.index.add(t)
 

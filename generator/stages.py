@@ -37,6 +37,10 @@ class Committed(Protocol):
 
     def rejects(self) -> pl.LazyFrame: ...
 
+    def passed(self) -> pl.LazyFrame:
+        """The committed rows that came out of this part: kept, or dropped by a later part."""
+        ...
+
 
 @dataclass
 class PerBatch:

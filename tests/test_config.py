@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from synthloop.generator.cli import main
-from synthloop.generator.config import ConfigError, parse_config
+from synthloop.generator.config import ConfigError, load_config, parse_config
 
 
 def test_unknown_key_is_named_with_line():
@@ -44,3 +44,13 @@ def test_cli_bad_config_exits_2_nothing_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "c.toml:3: [run] unknown key 'bogus'" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "rounds-quickstart.toml"])
+def test_shipped_configs_are_valid(name):
+    from conftest import ROOT
+
+    from synthloop.tuner.rounds import load_rounds_config
+    path = ROOT / "configs" / name
+    cfg = load_rounds_config(path).run if name.startswith("rounds") else load_config(path)
+    assert cfg.llm["generator"].model == "embedded"

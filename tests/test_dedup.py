@@ -57,6 +57,8 @@ class _Committed:
     def rejects(self) -> pl.LazyFrame:
         return pl.LazyFrame()
 
+    passed = kept            # nothing was dropped after the dedup stage in these tests
+
 
 # ---------------------------------------------------------------- normalisation
 

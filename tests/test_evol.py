@@ -323,8 +323,12 @@ backend = "transformers"
 model = "judge"
 
 [source]
-type = "self_instruct"
-prompts_per_step = 3
+type = "mix"
+sources = [
+  {{ type = "self_instruct", prompts_per_step = 3 }},
+  {{ type = "magpie", pre_query = "<|im_start|>user\\n", end_of_turn = "<|im_end|>", requests_per_step = 4 }},
+]
+weights = [2, 1]
 
 [[stages]]
 type = "instances"
@@ -356,13 +360,13 @@ def test_end_to_end_self_instruct_instances_evol_distill(tmp_path):
     kept, rej = _read(run), _read(run, "rejects")
     assert kept.height >= 40 and kept["id"].is_unique().all()
     methods = set(kept["method"])
-    assert "self_instruct" in methods and any(x.startswith("evol:") for x in methods)
+    assert {"self_instruct", "magpie"} <= methods and any(x.startswith("evol:") for x in methods)
     # Distill answered everything that reached it: the teacher wrote every kept response.
     assert (kept["model"] == "scripted:teacher").all() and (kept["response"] != "").all()
     evolved = kept.filter(pl.col("method").str.starts_with("evol:"))
     everyone = set(kept["id"]) | set(rej["id"])
     assert set(evolved["parent_id"]) <= everyone and (evolved["generation"] >= 1).all()
-    assert (kept.filter(pl.col("method") == "self_instruct")["generation"] == 0).all()
+    assert (kept.filter(pl.col("method").is_in(["self_instruct", "magpie"]))["generation"] == 0).all()
     stage = {s["name"]: s for s in m["stages"]}
     table = m["state"]["evol"]["ops"]
     assert stage["evol"]["created"] == sum(r["proposed"] for r in table.values())

@@ -119,11 +119,16 @@ def _hard_examples(base_model: str, adapter: str, run_dir: Path, k: int, seeds_o
     return len(hard)
 
 
-def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progress: bool = True) -> list[dict]:
+def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progress: bool = True,
+               backend_factory=None) -> list[dict]:
     """Run (or resume) every round; returns the rounds.json entries.
+
+    `backend_factory` builds the generation backends, as in `execute` (tests pass a scripted one);
+    training and evaluation always load the student itself.
 
     >>> run_rounds(load_rounds_config("configs/rounds-quickstart.toml"))   # doctest: +SKIP
     """
+    from synthloop.generator.llm import open_llm
     from synthloop.generator.runner import execute
     from synthloop.tuner.evaluate import evaluate
     from synthloop.tuner.sft import summarize, train
@@ -144,7 +149,7 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
             continue
         print(f"round {r}: generating with {'base model' if not adapter else adapter}", file=sys.stderr)
         execute(round_config(cfg, r, adapter=adapter, seeds=seeds, earlier=earlier), out=rdir,
-                show_progress=show_progress)
+                show_progress=show_progress, backend_factory=backend_factory or open_llm)
         new_adapter = rdir / "adapter"
         if not (new_adapter / "adapter_config.json").exists():
             print(f"round {r}: training {new_adapter}", file=sys.stderr)
