@@ -170,6 +170,14 @@ def plot_methods(runs: list[RunData], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def base_loss(rounds: list[dict]) -> float | None:
+    """The base model's held-out loss: the first round's previous student, when that was the base."""
+    first = (rounds[0].get("eval") or {}) if rounds else {}
+    if first.get("previous_adapter") is None and rounds and rounds[0]["round"] == 0:
+        return first.get("previous_loss")
+    return None
+
+
 def plot_rounds(rounds: list[dict], path: Path) -> Path | None:
     """Held-out loss and judge win-rate per round (from rounds.json)."""
     ev = [(r["round"], r.get("eval") or {}) for r in rounds]
@@ -180,9 +188,8 @@ def plot_rounds(rounds: list[dict], path: Path) -> Path | None:
     pts = [(n, e["loss"]) for n, e in ev if e.get("loss") is not None]
     if pts:
         ax.plot(*zip(*pts), marker="o", color=KEPT, label="student")
-    base = [(n, e["base_loss"]) for n, e in ev if e.get("base_loss") is not None]
-    if base:
-        ax.plot(*zip(*base), linestyle="--", color="grey", label="base model")
+    if base_loss(rounds) is not None:
+        ax.axhline(base_loss(rounds), linestyle="--", color="grey", label="base model")
     ax.set_ylabel("held-out loss")
     ax.set_title("held-out reference loss per round (lower is better)", fontsize=10)
     ax.legend(fontsize=8)
@@ -236,6 +243,8 @@ def render_html(run_dir: Path, runs: list[RunData], rounds: list[dict], plots: l
                               _fmt((r.get("eval") or {}).get("loss")), _fmt((r.get("eval") or {}).get("win_rate")),
                               "/".join(_fmt((r.get("eval") or {}).get(k)) for k in ("wins", "losses", "ties")),
                               _fmt((r.get("eval") or {}).get("parse_failures"))] for r in rounds]))
+        if base_loss(rounds) is not None:
+            parts.append(f"<p>held-out loss of the base model: {_fmt(base_loss(rounds))}</p>")
     for title, png in plots:
         parts.append(f"<h2>{html.escape(title)}</h2><img src=\"{html.escape(png.name)}\" alt=\"{html.escape(title)}\">")
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0}"

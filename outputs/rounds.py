@@ -9,7 +9,7 @@ It lives at the top of a rounds directory, next to the ``round-NN/`` run directo
         "adapter": "round-00/adapter",                # null: this round's student is the base model
         "train_metrics": {"steps": 120, "final_loss": 1.41, "seconds": 960.0, "tokens": 412345},
         "eval": {"loss": 1.52,                        # mean reference-token loss on the held-out set
-                 "base_loss": 1.71,                   # the same for the base model (optional)
+                 "previous_loss": 1.71,               # the same for the previous student (round 0: the base)
                  "win_rate": 0.58,                    # judge: new student vs previous (null if not run)
                  "wins": 23, "losses": 16, "ties": 2, "parse_failures": 1, "n": 42}}]}
 

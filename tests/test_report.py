@@ -57,7 +57,8 @@ def rounds_dir(tmp_path):
         make_run(root / f"round-{rnd:02d}", n=30 + 10 * rnd, seed=rnd, rnd=rnd)
         record_round(root, {"round": rnd, "run_dir": f"round-{rnd:02d}", "adapter": f"round-{rnd:02d}/adapter",
                             "train_metrics": {"steps": 10, "final_loss": 1.5 - 0.1 * rnd},
-                            "eval": {"loss": 1.8 - 0.1 * rnd, "base_loss": 1.9,
+                            "eval": {"loss": 1.8 - 0.1 * rnd, "previous_loss": 1.9 - 0.1 * rnd,
+                                     "previous_adapter": None if rnd == 0 else f"round-{rnd - 1:02d}/adapter",
                                      "win_rate": None if rnd == 0 else 0.5 + 0.05 * rnd,
                                      "wins": 20, "losses": 15, "ties": 5, "parse_failures": 2, "n": 42}})
     return root
@@ -92,6 +93,7 @@ def test_report_over_rounds(rounds_dir):
     assert "rounds.png" in pngs and "funnel.png" in pngs
     text = index.read_text()
     assert "round 2" in text and "0.6000" in text       # round 2's win-rate in the rounds table
+    assert "held-out loss of the base model: 1.9000" in text   # round 0's previous student
 
 
 def test_card_has_schema_counts_models_and_config(run_dir):

@@ -160,8 +160,10 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
         print(f"round {r}: evaluating", file=sys.stderr)
         judge = cfg.run.llm.get("judge") or cfg.run.llm["generator"]
         heldout = None if cfg.rounds.heldout == "bundled" else cfg.rounds.heldout
+        # Both students answer through the generator's backend (vLLM: the adapter as a LoRARequest).
         ev = evaluate(base_model=base_model, adapter=str(new_adapter), previous_adapter=adapter,
                       heldout=heldout, judge=judge if cfg.rounds.win_rate else None,
+                      student=cfg.run.llm["generator"],
                       seed=cfg.run.run.seed, limit=cfg.rounds.eval_limit or None)
         next_seeds = None
         if cfg.rounds.hard_examples and r + 1 < cfg.rounds.count:
