@@ -92,6 +92,41 @@ def adapter_fingerprint(adapter: str) -> str:
     return h.hexdigest()[:12]
 
 
+def merged_model(base: str, adapter: str, root: Path | None = None) -> Path:
+    """A plain HF folder holding `base` with the LoRA `adapter` merged into its weights.
+
+    Cached under ``<cache dir>/merged/`` by the adapter's and the base path's content, written to
+    a temporary folder and renamed, so a killed merge leaves nothing half-written. vLLM's LoRA
+    kernels on a CPU ran 7x slower than the merged model (33 vs 248 tokens/s on SmolLM2-135M,
+    batch 16), so the vllm backend merges there; on a GPU it applies the adapter per request.
+
+    >>> merged_model("embedded", "runs/loop/round-00/adapter")     # doctest: +SKIP
+    PosixPath('/root/.cache/synthloop/merged/3f2a9c1d0b7e-5d41402abc4b')
+    """
+    import hashlib
+
+    base_path = resolve_model(base)
+    key = f"{adapter_fingerprint(adapter)}-{hashlib.sha256(str(Path(base_path).resolve()).encode()).hexdigest()[:12]}"
+    out = (root or cache_dir()) / "merged" / key
+    if (out / "config.json").exists():
+        return out
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tmp = out.with_name(f".{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+    if (Path(base_path) / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(base_path).save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:          # another process merged the same adapter first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def resolve_model(name: str) -> str:
     """Turn a model reference from a config into a local path: `embedded` or an existing folder."""
     if name == EMBEDDED:

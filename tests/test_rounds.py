@@ -135,19 +135,19 @@ def test_a_complete_loop_is_skipped(clean, tiny_model):
 def test_crash_in_round_one_training_resumes_to_the_clean_result(tmp_path, tiny_model, clean, monkeypatch):
     from synthloop.tuner import sft
 
-    real = sft.train
+    real = sft.train_in_fresh_process
 
     def dies_in_round_one(cfg, data, out, **kw):
         if "round-01" in str(out):
             raise RuntimeError("killed")       # as a kill would, mid-training
         return real(cfg, data, out, **kw)
-    monkeypatch.setattr(sft, "train", dies_in_round_one)
+    monkeypatch.setattr(sft, "train_in_fresh_process", dies_in_round_one)
     cfg = _config(tmp_path, tiny_model)
     with pytest.raises(RuntimeError, match="killed"):
         run_rounds(cfg, tmp_path / "out", show_progress=False, backend_factory=_factory([]))
     assert [e["round"] for e in json.loads((tmp_path / "out" / "rounds.json").read_text())["rounds"]] == [0]
     assert not (tmp_path / "out" / "round-01" / "adapter").exists()
-    monkeypatch.setattr(sft, "train", real)
+    monkeypatch.setattr(sft, "train_in_fresh_process", real)
 
     specs: list = []
     entries = run_rounds(cfg, tmp_path / "out", show_progress=False, backend_factory=_factory(specs))

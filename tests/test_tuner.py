@@ -156,6 +156,37 @@ def test_continue_from_adapter(tiny_model, shard, tiny_adapter, tmp_path):
     assert a.keys() == b.keys() and any(not a[k].allclose(b[k]) for k in a)
 
 
+def test_training_in_a_fresh_process_gives_the_same_adapter(tiny_model, shard, tiny_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    from synthloop.tuner.sft import train_in_fresh_process
+    metrics = train_in_fresh_process(TrainConfig(base_model=tiny_model, **TINY), shard, tmp_path / "a")
+    assert metrics["final_loss"] == tiny_adapter[1]["final_loss"]
+    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tiny_adapter[0] / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    with pytest.raises(RuntimeError, match="failed in its process"):
+        train_in_fresh_process(TrainConfig(base_model=tiny_model, **TINY), tmp_path / "no-such-run", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_merged_model_equals_the_adapter_applied_and_is_cached(tiny_model, tiny_adapter, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from synthloop.generator.models import merged_model
+    path = merged_model(tiny_model, str(tiny_adapter[0]), root=tmp_path)
+    assert merged_model(tiny_model, str(tiny_adapter[0]), root=tmp_path) == path
+    assert [p.name for p in (tmp_path / "merged").iterdir()] == [path.name]      # no temp folder left
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    merged = AutoModelForCausalLM.from_pretrained(path).eval()
+    applied, _ = load_student(tiny_model, str(tiny_adapter[0]))
+    base, _ = load_student(tiny_model)
+    with torch.no_grad():
+        got, want, plain = (m(input_ids=ids).logits for m in (merged, applied, base))
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-5)
+    assert (path / "tokenizer_config.json").exists()
+
+
 def test_killed_training_leaves_no_adapter(tiny_model, shard, tmp_path, monkeypatch):
     import trl
 

@@ -131,7 +131,7 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
     from synthloop.generator.llm import open_llm
     from synthloop.generator.runner import execute
     from synthloop.tuner.evaluate import evaluate
-    from synthloop.tuner.sft import summarize, train
+    from synthloop.tuner.sft import summarize, train_in_fresh_process
 
     out = Path(out or cfg.run.run.out or Path("runs") / cfg.run.run.name)
     base_model = cfg.run.llm["generator"].model
@@ -155,7 +155,7 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
             print(f"round {r}: training {new_adapter}", file=sys.stderr)
             tcfg = TrainConfig(**{"base_model": base_model, **cfg.train,
                                   "init_adapter": adapter if cfg.rounds.train_from == "last" else None})
-            train(tcfg, rdir, new_adapter, overwrite=True)
+            train_in_fresh_process(tcfg, rdir, new_adapter, overwrite=True)
         metrics = json.loads((new_adapter / "train_metrics.json").read_text())
         print(f"round {r}: evaluating", file=sys.stderr)
         judge = cfg.run.llm.get("judge") or cfg.run.llm["generator"]
