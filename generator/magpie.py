@@ -30,13 +30,13 @@ Example::
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
 
 import polars as pl
 
 from synthloop.generator.registry import Context, register
 from synthloop.generator.schema import make_batch, record_id
+from synthloop.generator.stages import run_steps
 from synthloop.generator.self_instruct import rule_reason
 
 SENTINEL = "SYNTHLOOPUSERSENTINEL"
@@ -179,15 +179,7 @@ class Magpie:
                 r["drop_reason"] = "empty_response"
 
     def __call__(self):
-        idle = 0
-        while not self.cfg.max_steps or self.step < self.cfg.max_steps:
-            batch = self._one_step()
-            idle = 0 if batch["drop_reason"].is_null().any() else idle + 1
-            yield batch
-            if idle >= self.cfg.patience:
-                print(f"magpie: no new instruction in {idle} steps; stopping", file=sys.stderr)
-                return
-
+        return run_steps(self, "magpie", max_steps=self.cfg.max_steps, patience=self.cfg.patience)
 
 @register("source", "magpie", MagpieConfig)
 def build(cfg: MagpieConfig, ctx: Context) -> Magpie:

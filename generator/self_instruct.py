@@ -27,6 +27,7 @@ import polars as pl
 from synthloop.generator.registry import Context, register
 from synthloop.generator.rouge import NoveltyIndex
 from synthloop.generator.schema import make_batch
+from synthloop.generator.stages import run_steps
 
 BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
              "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
@@ -163,16 +164,7 @@ class SelfInstruct:
         return make_batch(rows)
 
     def __call__(self):
-        idle = 0
-        while not self.cfg.max_steps or self.step < self.cfg.max_steps:
-            batch = self._one_step()
-            kept = batch["drop_reason"].is_null().sum()
-            idle = 0 if kept else idle + 1
-            yield batch
-            if idle >= self.cfg.patience:
-                print(f"self_instruct: no new instruction in {idle} steps; stopping", file=sys.stderr)
-                return
-
+        return run_steps(self, "self_instruct", max_steps=self.cfg.max_steps, patience=self.cfg.patience)
 
 @register("source", "self_instruct", SelfInstructConfig)
 def build(cfg: SelfInstructConfig, ctx: Context) -> SelfInstruct:

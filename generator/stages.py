@@ -16,6 +16,7 @@ nothing (seeds, self-instruct). Sources and stages may carry resumable state by 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -74,6 +75,19 @@ def per_batch(name: str, fn: Callable[[pl.DataFrame], pl.DataFrame], owner: Any 
     'upper'
     """
     return PerBatch(name=name, fn=fn, owner=owner)
+
+
+def run_steps(source: Any, label: str, *, max_steps: int, patience: int) -> Batches:
+    """Batches of a step-wise source (`source.step`, `source._one_step()`) until `max_steps` steps
+    are done (0: no bound) or `patience` steps in a row kept nothing (self-instruct, Magpie)."""
+    idle = 0
+    while not max_steps or source.step < max_steps:
+        batch = source._one_step()
+        idle = 0 if batch["drop_reason"].is_null().any() else idle + 1
+        yield batch
+        if idle >= patience:
+            print(f"{label}: no new instruction in {idle} steps; stopping", file=sys.stderr)
+            return
 
 
 def drop_where(batch: pl.DataFrame, mask: pl.Expr | pl.Series, reason: str) -> pl.DataFrame:

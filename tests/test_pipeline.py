@@ -139,3 +139,22 @@ def test_raising_the_limit_continues_the_run(tmp_path):
     m = execute(config(tmp_path, limit=25), out=run, show_progress=False, backend_factory=scripted_factory())
     kept = read(run)
     assert kept.height >= 25 and kept["id"].is_unique().all() and not count_problems(m)
+
+
+def test_step_wise_sources_stop_at_max_steps_or_after_patience_idle_steps(capsys):
+    from synthloop.generator.schema import make_batch
+    from synthloop.generator.stages import run_steps
+
+    class Source:                      # keeps a row on steps listed in `keeps`, nothing otherwise
+        def __init__(self, keeps):
+            self.step, self.keeps = 0, keeps
+
+        def _one_step(self):
+            self.step += 1
+            return make_batch([{"instruction": "Task number one here.",
+                                "drop_reason": None if self.step in self.keeps else "too_similar"}])
+    src = Source(keeps={1, 4})
+    assert len(list(run_steps(src, "demo", max_steps=0, patience=2))) == 3      # 1 kept, 2 and 3 idle
+    assert "demo: no new instruction in 2 steps" in capsys.readouterr().err
+    src = Source(keeps=set(range(1, 100)))
+    assert len(list(run_steps(src, "demo", max_steps=5, patience=2))) == 5 and src.step == 5
