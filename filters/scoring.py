@@ -39,11 +39,11 @@ def set_scores(batch: pl.DataFrame, **values: Sequence[float | None] | pl.Series
     for f in SCORE_FIELDS:
         cur = old.struct.field(f)
         if f in values:
-            new = pl.Series(f"__{f}", values[f], dtype=pl.Float64)
+            new = pl.Series(f"__{f}", values[f], dtype=SCORES.to_schema()[f])
             if new.len() != batch.height:
                 raise ValueError(f"{f}: {new.len()} values for {batch.height} rows")
             # NaN from a degenerate loss is not a score: store it as null.
-            cur = pl.coalesce(pl.lit(new).fill_nan(None), cur)
+            cur = pl.coalesce(pl.lit(new).fill_nan(None) if new.dtype.is_float() else pl.lit(new), cur)
         fields.append(cur.alias(f))
     merged = pl.struct(fields)
     # Keep "never scored" as a null struct rather than a struct of nulls.

@@ -15,6 +15,10 @@ import polars as pl
 
 MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
 
+#: A verifiable constraint attached to an instruction: a checker id (IFEval's ids, or a user check
+#: registered in filters/checks.py) and its keyword arguments as a JSON object string.
+CONSTRAINT = pl.Struct({"id": pl.String, "kwargs": pl.String})
+
 #: Score columns filled by scorers; null means "not scored".
 SCORES = pl.Struct({
     "quality": pl.Float64,
@@ -22,6 +26,9 @@ SCORES = pl.Struct({
     "ifd": pl.Float64,
     "reward": pl.Float64,
     "judge": pl.Float64,
+    "verified": pl.Float64,      # fraction of the row's constraints its response passes (loose)
+    "verified_all": pl.Boolean,  # the response passes every constraint
+    "pass_rate": pl.Float64,     # rejection sampling: fraction of the n samples that passed all
 })
 
 SCHEMA = pl.Schema({
@@ -35,6 +42,7 @@ SCHEMA = pl.Schema({
     "generation": pl.Int32,      # evolution depth (0 for anything not evolved)
     "round": pl.Int32,           # self-improvement round that produced it
     "model": pl.String,          # model that wrote the instruction / response
+    "constraints": pl.List(CONSTRAINT),  # verifiable constraints on the response; [] when none
     "scores": SCORES,
     "drop_reason": pl.String,    # set only on rows headed for the rejects stream
 })
@@ -97,6 +105,7 @@ def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
             "generation": r.get("generation", 0),
             "round": r.get("round", 0),
             "model": r.get("model", ""),
+            "constraints": r.get("constraints") or [],
             "scores": r.get("scores"),
             "drop_reason": r.get("drop_reason"),
         })

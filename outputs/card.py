@@ -27,6 +27,7 @@ COLUMNS = {
     "generation": "evolution depth (0 for anything not evolved)",
     "round": "self-improvement round that produced it",
     "model": "model that wrote the record",
+    "constraints": "verifiable constraints on the response (`id`, `kwargs` as JSON); [] when none",
     "scores": "scorer outputs (" + ", ".join(f.name for f in SCORES.fields) + "); null where unscored",
     "drop_reason": "always null in the kept data (set only in rejects/)",
 }
