@@ -14,9 +14,13 @@ Output is written atomically: training happens in ``.<name>.tmp-<pid>/`` next to
 is renamed into place when complete, so a killed job leaves no half adapter. The folder holds
 ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT; vLLM's ``LoRARequest`` reads the
 same two files) and ``train_metrics.json``.
+
+``TrainConfig.method`` picks SFT (here), DPO on preference pairs (`tuner/dpo.py`) or SFT then DPO;
+`train` is the one entry for all three and `train_in_fresh_process` runs it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import polars as pl
 
@@ -37,6 +41,10 @@ from synthloop.tuner.masking import IGNORE, tokenize_chat
 #: (QLoRA paper), and vLLM's LoRA kernels support each of them.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METRICS_FILE = "train_metrics.json"
+METHODS = ("sft", "dpo", "sft+dpo")
+#: TRL 1.16's DPO loss types that need no knob we do not expose (exo_pair needs label_smoothing > 0).
+DPO_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
+              "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
 
 
 @dataclass(kw_only=True)
@@ -66,6 +74,11 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"                   # auto (fp32 on CPU, bf16 on a GPU that has it) | float32 | bfloat16
     gradient_checkpointing: bool = False  # trades ~30% speed for memory; off for small models
+    method: str = "sft"                   # sft | dpo (preference pairs) | sft+dpo (SFT, then DPO from that adapter)
+    beta: float = 0.1                     # DPO temperature: higher keeps the student closer to its reference
+    dpo_learning_rate: float = 0.0        # 0: use learning_rate
+    dpo_max_steps: int = 0                # 0: use max_steps (and epochs when that is 0 too)
+    dpo_loss: str = "sigmoid"             # TRL's DPOConfig.loss_type: sigmoid (DPO), ipo, hinge, robust, ...
 
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str) -> None:
@@ -88,6 +101,12 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         need(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
+        need(self.method in METHODS, "method", "must be " + ", ".join(METHODS[:-1]) + " or " + METHODS[-1])
+        need(self.beta > 0, "beta", "must be > 0")
+        need(self.dpo_learning_rate >= 0, "dpo_learning_rate", "must be >= 0 (0: use learning_rate)")
+        need(isinstance(self.dpo_max_steps, int) and self.dpo_max_steps >= 0, "dpo_max_steps",
+             "must be an int >= 0 (0: use max_steps)")
+        need(self.dpo_loss in DPO_LOSSES, "dpo_loss", "must be one of " + ", ".join(DPO_LOSSES))
 
 
 def load_train_config(path: str | Path, *, table: str = "train") -> TrainConfig:
@@ -178,44 +197,19 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: TrainConfig, data, out: str | Path, *, overwrite: bool = False) -> dict:
-    """LoRA-train `cfg.base_model` on `data` (see `shard_files`, or a frame); write the adapter to `out`.
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh ``.<name>.tmp-<pid>/`` beside `out` to fill; it becomes `out` when the block ends cleanly.
 
-    Returns the metrics also written to ``out/train_metrics.json``.
+    Refuses an existing `out` without `overwrite` before anything is done; removes leftovers of
+    killed jobs into the same target, and the temp folder when the block raises.
 
-    >>> m = train(TrainConfig(max_steps=50), "runs/quickstart", "runs/quickstart/adapter")  # doctest: +SKIP
-    >>> m["steps"][-1]["loss"] < m["steps"][0]["loss"]                                      # doctest: +SKIP
-    True
+    >>> with atomic_dir("runs/quickstart/adapter") as tmp:      # doctest: +SKIP
+    ...     (tmp / "adapter_config.json").write_text("{}")
     """
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-    t0 = time.time()
-    set_seed(cfg.seed)   # LoRA's A matrices are drawn at wrap time, before the trainer seeds anything
-    base = resolve_model(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    examples, skipped = build_examples(tokenizer, load_conversations(data), max_length=cfg.max_length)
-    if not examples:
-        raise ValueError(f"no trainable conversations in {data} (skipped: {skipped})")
-
-    on_cuda = torch.cuda.is_available()
-    dtype = _dtype(cfg, on_cuda)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    peft_config = None
-    if cfg.init_adapter:
-        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
-    else:
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-
     out.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of killed trainings into the same target are garbage by construction.
     for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
@@ -224,39 +218,158 @@ def train(cfg: TrainConfig, data, out: str | Path, *, overwrite: bool = False) -
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        args = SFTConfig(
-            output_dir=str(tmp / "trainer"), seed=cfg.seed, data_seed=cfg.seed,
-            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-            warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, gradient_checkpointing=cfg.gradient_checkpointing,
-            # TRL defaults to bf16 autocast everywhere; on a CPU that is slower and less exact.
-            bf16=dtype == torch.bfloat16, fp16=False,
-            max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True},
-            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-            dataloader_pin_memory=on_cuda, remove_unused_columns=False,
-        )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                             processing_class=tokenizer, peft_config=peft_config)
-        # transformers prints every log dict to stdout; commands keep stdout for their JSON result.
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(_stderr_progress())
-        t_train = time.time()
-        result = trainer.train()
-        train_seconds = time.time() - t_train
-        trainer.model.save_pretrained(tmp)
-        # PEFT's generated model card is a template of "[More Information Needed]" lines.
-        (tmp / "README.md").unlink(missing_ok=True)
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        metrics = _metrics(cfg, trainer, result, examples, skipped, base,
-                           seconds=time.time() - t0, train_seconds=train_seconds)
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        yield tmp
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train(cfg: TrainConfig, data, out: str | Path, *, overwrite: bool = False) -> dict:
+    """LoRA-train `cfg.base_model` on `data` the way `cfg.method` says; write the adapter to `out`.
+
+    `data` are sources as `shard_files` reads them (or a frame). ``sft`` trains on their curated
+    shards (`messages`); ``dpo`` on their preference pairs (`tuner.dpo.pair_files`; a frame needs
+    `prompt`, `chosen`, `rejected`); ``sft+dpo`` runs SFT, then DPO continuing that adapter, whose
+    start is also DPO's reference. The SFT phase's own adapter is discarded: `out` holds one adapter
+    and metrics ``{"sft": {...}, "dpo": {...}}`` plus the totals `summarize` reads.
+    Returns the metrics also written to ``out/train_metrics.json``.
+
+    >>> m = train(TrainConfig(max_steps=50), "runs/quickstart", "runs/quickstart/adapter")  # doctest: +SKIP
+    >>> m["steps"][-1]["loss"] < m["steps"][0]["loss"]                                      # doctest: +SKIP
+    True
+    """
+    from synthloop.tuner.dpo import _dpo_into
+
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if cfg.method == "sft":
+            metrics = _sft_into(cfg, data, tmp)
+        elif cfg.method == "dpo":
+            metrics = _dpo_into(cfg, data, tmp)
+        else:
+            phase = tmp / "sft-phase"
+            phase.mkdir()
+            sft = _sft_into(cfg, data, phase)
+            dpo = _dpo_into(dataclasses.replace(cfg, init_adapter=str(phase)), data, tmp)
+            shutil.rmtree(phase)
+            metrics = _combine(cfg, sft, dpo)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     print(f"adapter -> {out} ({metrics['optimizer_steps']} steps, final loss {metrics['final_loss']}, "
           f"{metrics['train_seconds']:.0f}s)", file=sys.stderr)
     return metrics
+
+
+def _combine(cfg: TrainConfig, sft: dict, dpo: dict) -> dict:
+    """Metrics of an sft+dpo training: both phases, with totals where totals mean something."""
+    for phase in (sft, dpo):
+        phase.pop("config", None)                   # once, at the top
+    dpo["init_adapter"] = "sft phase"               # its folder was temporary
+    tokens = [p["tokens"] for p in (sft, dpo) if p["tokens"] is not None]
+    return {
+        "method": cfg.method, "base_model": cfg.base_model, "base_path": sft["base_path"],
+        "init_adapter": cfg.init_adapter, "config": dataclasses.asdict(cfg), "lora": dpo["lora"],
+        "optimizer_steps": sft["optimizer_steps"] + dpo["optimizer_steps"],
+        "tokens": sum(tokens) if tokens else None,
+        "final_loss": dpo["final_loss"],            # the DPO loss: the last objective trained
+        "seconds": round(sft["seconds"] + dpo["seconds"], 3),
+        "train_seconds": round(sft["train_seconds"] + dpo["train_seconds"], 3),
+        "sft": sft, "dpo": dpo,
+    }
+
+
+# Pieces the SFT and DPO phases share (tuner/dpo.py uses them too).
+def _load_base(cfg: TrainConfig):
+    """(base model path, tokenizer with a pad token)."""
+    from transformers import AutoTokenizer
+
+    base = resolve_model(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base, tokenizer
+
+
+def _load_policy(cfg: TrainConfig, base, dtype):
+    """(model, peft_config): `cfg.init_adapter` loaded trainable, or the base model plus a LoRA config
+    the trainer wraps it with. Seed first: LoRA's A matrices are drawn at wrap time."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if cfg.init_adapter:
+        return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True), None
+    return model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+
+
+def _trainer_args(cfg: TrainConfig, folder: Path, *, dtype, on_cuda: bool, learning_rate: float,
+                  max_steps: int) -> dict:
+    """TrainingArguments both SFTConfig and DPOConfig take, spelled out: TRL's defaults differ from ours."""
+    import torch
+
+    return dict(
+        output_dir=str(folder / "trainer"), seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=learning_rate, num_train_epochs=cfg.epochs, max_steps=max_steps or -1,
+        warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, gradient_checkpointing=cfg.gradient_checkpointing,
+        # TRL defaults to bf16 autocast everywhere; on a CPU that is slower and less exact.
+        bf16=dtype == torch.bfloat16, fp16=False,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=on_cuda, remove_unused_columns=False,
+    )
+
+
+def _fit(trainer):
+    """Train with one stderr line per step (and nothing on stdout); returns (result, train seconds)."""
+    from transformers import PrinterCallback
+
+    # transformers prints every log dict to stdout; commands keep stdout for their JSON result.
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_stderr_progress())
+    t = time.time()
+    result = trainer.train()
+    return result, time.time() - t
+
+
+def _save_adapter(trainer, folder: Path) -> None:
+    """The trained adapter only: not the frozen "ref" copy TRL's DPO adds when it continues one."""
+    trainer.model.save_pretrained(folder, selected_adapters=["default"])
+    # PEFT's generated model card is a template of "[More Information Needed]" lines.
+    (folder / "README.md").unlink(missing_ok=True)
+    shutil.rmtree(folder / "trainer", ignore_errors=True)
+
+
+def _sft_into(cfg: TrainConfig, data, folder: Path) -> dict:
+    """SFT into the existing, empty `folder` (adapter files); returns its metrics."""
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    t0 = time.time()
+    set_seed(cfg.seed)
+    base, tokenizer = _load_base(cfg)
+    examples, skipped = build_examples(tokenizer, load_conversations(data), max_length=cfg.max_length)
+    if not examples:
+        raise ValueError(f"no trainable conversations in {data} (skipped: {skipped})")
+    on_cuda = torch.cuda.is_available()
+    dtype = _dtype(cfg, on_cuda)
+    model, peft_config = _load_policy(cfg, base, dtype)
+    args = SFTConfig(**_trainer_args(cfg, folder, dtype=dtype, on_cuda=on_cuda, learning_rate=cfg.learning_rate,
+                                     max_steps=cfg.max_steps),
+                     max_length=cfg.max_length, dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                         processing_class=tokenizer, peft_config=peft_config)
+    result, train_seconds = _fit(trainer)
+    _save_adapter(trainer, folder)
+    data_counts = {
+        "examples": len(examples), "skipped": skipped,
+        "example_tokens": sum(len(e["input_ids"]) for e in examples),
+        "example_assistant_tokens": sum(lab != IGNORE for e in examples for lab in e["labels"]),
+    }
+    return _metrics(cfg, "sft", trainer, result, base, data_counts, SFT_STEP_KEYS,
+                    seconds=time.time() - t0, train_seconds=train_seconds)
 
 
 def _stderr_progress():
@@ -266,25 +379,27 @@ def _stderr_progress():
     class StderrProgress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                print(f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}", file=sys.stderr)
+                line = f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
+                if "rewards/margins" in logs:
+                    line += f" margin {logs['rewards/margins']:.4f} acc {logs['rewards/accuracies']:.2f}"
+                print(line, file=sys.stderr)
 
     return StderrProgress()
 
 
-def _metrics(cfg, trainer, result, examples, skipped, base, *, seconds, train_seconds) -> dict:
-    steps = [{k: h[k] for k in ("step", "loss", "grad_norm", "learning_rate", "num_tokens",
-                                "mean_token_accuracy", "epoch") if k in h}
-             for h in trainer.state.log_history if "loss" in h]
+SFT_STEP_KEYS = ("step", "loss", "grad_norm", "learning_rate", "num_tokens", "mean_token_accuracy", "epoch")
+
+
+def _metrics(cfg, method, trainer, result, base, data_counts: dict, step_keys, *, seconds, train_seconds) -> dict:
+    steps = [{k: h[k] for k in step_keys if k in h} for h in trainer.state.log_history if "loss" in h]
     n_steps = trainer.state.global_step
     lora = trainer.model.peft_config["default"]
     return {
-        "base_model": cfg.base_model, "base_path": str(base), "init_adapter": cfg.init_adapter,
+        "method": method, "base_model": cfg.base_model, "base_path": str(base), "init_adapter": cfg.init_adapter,
         "config": dataclasses.asdict(cfg),
         "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
                  "target_modules": sorted(lora.target_modules)},
-        "examples": len(examples), "skipped": skipped,
-        "example_tokens": sum(len(e["input_ids"]) for e in examples),
-        "example_assistant_tokens": sum(lab != IGNORE for e in examples for lab in e["labels"]),
+        **data_counts,
         "optimizer_steps": n_steps,
         "tokens": int(steps[-1]["num_tokens"]) if steps and "num_tokens" in steps[-1] else None,
         "final_loss": steps[-1]["loss"] if steps else None,
@@ -296,17 +411,19 @@ def _metrics(cfg, trainer, result, examples, skipped, base, *, seconds, train_se
 
 
 def summarize(metrics: dict) -> dict:
-    """The few train_metrics.json numbers a rounds.json entry keeps.
+    """The few train_metrics.json numbers a rounds.json entry keeps (an sft+dpo training: its totals,
+    with the DPO phase's final loss).
 
     >>> summarize({"optimizer_steps": 2, "final_loss": 1.5, "train_seconds": 9.0, "tokens": 900})
-    {'steps': 2, 'final_loss': 1.5, 'seconds': 9.0, 'tokens': 900}
+    {'method': 'sft', 'steps': 2, 'final_loss': 1.5, 'seconds': 9.0, 'tokens': 900}
     """
-    return {"steps": metrics.get("optimizer_steps"), "final_loss": metrics.get("final_loss"),
-            "seconds": metrics.get("train_seconds"), "tokens": metrics.get("tokens")}
+    return {"method": metrics.get("method", "sft"), "steps": metrics.get("optimizer_steps"),
+            "final_loss": metrics.get("final_loss"), "seconds": metrics.get("train_seconds"),
+            "tokens": metrics.get("tokens")}
 
 
 def train_in_fresh_process(cfg: TrainConfig, data, out: str | Path, *, overwrite: bool = False) -> dict:
-    """`train` in a spawned interpreter; returns the metrics it wrote.
+    """`train` (whichever `cfg.method`) in a spawned interpreter; returns the metrics it wrote.
 
     The rounds loop trains right after generating in the same process, and training there ran
     3x slower than in a fresh one (about 22 vs 7 s per step for SmolLM2-135M on 2 cores, after a
@@ -317,7 +434,7 @@ def train_in_fresh_process(cfg: TrainConfig, data, out: str | Path, *, overwrite
     import multiprocessing
 
     proc = multiprocessing.get_context("spawn").Process(
-        target=train, args=(cfg, data if isinstance(data, pl.DataFrame) else str(data), str(out)),
+        target=train, args=(cfg, _picklable(data), str(out)),
         kwargs={"overwrite": overwrite}, name="synthloop-train")
     proc.start()
     try:
@@ -329,3 +446,9 @@ def train_in_fresh_process(cfg: TrainConfig, data, out: str | Path, *, overwrite
     if proc.exitcode != 0:
         raise RuntimeError(f"training {out} failed in its process (exit code {proc.exitcode}); see the error above")
     return json.loads((Path(out) / "train_metrics.json").read_text())
+
+
+def _picklable(data):
+    if isinstance(data, (pl.DataFrame, str)):
+        return data
+    return str(data) if isinstance(data, Path) else [str(d) for d in data]
