@@ -27,6 +27,7 @@ MODULES = [
     "synthloop.generator.self_instruct",
     "synthloop.generator.instances",
     "synthloop.generator.evol", "synthloop.generator.distill", "synthloop.generator.magpie",
+    "synthloop.generator.constraints",
     "synthloop.generator.rejection",
     "synthloop.filters.heuristics",
     "synthloop.filters.judge",
