@@ -6,6 +6,7 @@
     synthloop seeds check PATH [--format F]            validate a seed file
     synthloop dedup | score | select IN... --out DIR   filters on your own data (filters/*_cli.py)
     synthloop report RUN_DIR                           HTML report and dataset card
+    synthloop export --format F RUN_DIR --out DIR      SFT / DPO pairs / Alpaca / ShareGPT files
 
 Bad input exits 2 with one line naming the file, line and field; an interrupted run exits 130
 after committing what it had.
@@ -23,6 +24,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "synthloop.filters.dedup_cli",     # synthloop dedup
     "synthloop.filters.score_cli",     # synthloop score, synthloop select
     "synthloop.outputs.report_cli",    # synthloop report
+    "synthloop.outputs.export",        # synthloop export
     "synthloop.tuner.cli",             # synthloop train, synthloop eval
 ]
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import polars as pl
 
-from synthloop.generator.schema import make_batch
+from synthloop.generator.schema import SCHEMA, conform, make_batch
 
 FORMATS = ("auto", "self_instruct", "alpaca", "sharegpt", "jsonl", "parquet", "txt")
 BUNDLED = "bundled"
@@ -172,6 +172,13 @@ def _parquet(path: Path, fields: dict) -> SeedSet:
         df = pl.read_parquet(path)
     except Exception as e:  # polars raises several error types for a bad file
         raise SeedError(path, None, None, f"not a readable Parquet file ({e})") from None
+    if not fields and set(SCHEMA.names()) <= set(df.columns):
+        # Our own shards seed as they are: constraints, scores and lineage come along.
+        try:
+            records = conform(df.select(SCHEMA.names()), source=str(path))
+        except ValueError as e:
+            raise SeedError(path, None, None, str(e)) from None
+        return _finish(records.with_columns(pl.lit(None, dtype=pl.String).alias("drop_reason")).to_dicts())
     return _generic(path, enumerate(df.iter_rows(named=True), 1), fields)
 
 

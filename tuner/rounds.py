@@ -9,12 +9,19 @@ A rounds config is a run config (see generator/config.py) plus two tables::
     heldout = "bundled"       # held-out instruction/reference JSONL (tuner/data/heldout.jsonl)
     win_rate = true           # judge the new student against the previous one ([llm.judge], else generator)
     eval_limit = 0            # evaluate on the first N held-out pairs (0: all)
+    benchmark = ""            # IFEval-format file to score every student on ("bundled": ours; "": none)
+    benchmark_sampling = {}   # the students' settings there (default: greedy, max_tokens 1024)
+    reseed = "loss"           # hard examples: "loss" (highest reference loss under the new student)
+                              # or "pass_rate" (lowest rejection-sampling pass rate, constraints kept)
 
     [train]                   # tuner.sft.TrainConfig (base_model comes from [llm.generator].model)
     max_steps = 12
 
-Round r writes ``OUT/round-NN/`` (a run directory: shards, rejects, manifest), then
-``round-NN/adapter/`` and an entry in ``OUT/rounds.json``. Each phase has a file contract and is
+Round r writes ``OUT/round-NN/`` (a run directory: shards, rejects, manifest), then, when
+``[train] method`` uses DPO, ``round-NN/pairs/`` (preference pairs from rejection sampling, see
+outputs/export.py), then ``round-NN/adapter/`` and an entry in ``OUT/rounds.json``. With a
+``benchmark`` the base student is scored once first (``base`` in rounds.json) and every round's
+student after training. Each phase has a file contract and is
 skipped when its output exists (a run whose manifest is complete, an adapter folder, an entry
 with an eval), so a killed loop resumes where it stopped. Generation in round r uses the adapter
 of round r-1 (vLLM: a `LoRARequest` per call; transformers: merged weights); dedup stages that
@@ -26,14 +33,14 @@ import copy
 import json
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from synthloop.generator.config import ConfigError, RunConfig, from_dict, parse_config, where
 from synthloop.generator.llm.base import BackendSpec
-from synthloop.outputs.rounds import load_rounds, record_round
+from synthloop.outputs.rounds import load_base, load_rounds, record_base, record_round
 from synthloop.outputs.run_reader import kept_paths, read_kept
 from synthloop.tuner.sft import TrainConfig
 
@@ -48,6 +55,9 @@ class RoundsSection:
     heldout: str = "bundled"
     win_rate: bool = True
     eval_limit: int = 0
+    benchmark: str = ""
+    benchmark_sampling: dict = field(default_factory=dict)
+    reseed: str = "loss"
 
 
 @dataclass
@@ -71,6 +81,15 @@ def load_rounds_config(path: str | Path) -> RoundsConfig:
     if rounds.train_from not in ("base", "last") or rounds.count < 1:
         raise ConfigError(f"{where(str(path), text, 'train_from')}: [rounds] needs count >= 1 and "
                           f"train_from = \"base\" or \"last\"")
+    if rounds.reseed not in ("loss", "pass_rate"):
+        raise ConfigError(f"{where(str(path), text, 'reseed')}: [rounds] reseed must be \"loss\" or "
+                          f"\"pass_rate\", got \"{rounds.reseed}\"")
+    if rounds.benchmark not in ("", "bundled"):
+        from synthloop.tuner.benchmark import BenchmarkError, load_benchmark
+        try:
+            load_benchmark(rounds.benchmark)
+        except (BenchmarkError, OSError) as e:
+            raise ConfigError(f"{where(str(path), text, 'benchmark')}: [rounds] benchmark: {e}") from None
     train = raw.get("train", {})
     try:
         from_dict(TrainConfig, train, path=str(path), text=text, table="train")
@@ -91,7 +110,7 @@ def round_config(cfg: RoundsConfig, r: int, *, adapter: str | None, seeds: str |
             run.llm[role] = BackendSpec(backend=spec.backend, model=spec.model,
                                         options={**spec.options, "adapter": adapter})
     if seeds:
-        run.seeds.path, run.seeds.format = seeds, "alpaca"
+        run.seeds.path, run.seeds.format = seeds, "auto"     # next_seeds.json or next_seeds.parquet
     globs = [str(p) for d in earlier for p in kept_paths(d)]
     for st in run.stages:
         if st["type"] in DEDUP_TYPES and globs:
@@ -119,6 +138,50 @@ def _hard_examples(base_model: str, adapter: str, run_dir: Path, k: int, seeds_o
     return len(hard)
 
 
+def _hard_by_pass_rate(run_dir: Path, k: int, seeds_out: Path, original: str) -> int:
+    """Write the k tasks the student passed least often (rejection sampling's ``scores.pass_rate``,
+    never-passed tasks first), then the original seeds, as a seed Parquet file in our schema, so each
+    hard task comes back with its constraints, and first: a round stopped by `limit` still retries
+    them. Returns how many hard examples it holds."""
+    from synthloop.outputs.run_reader import read_rejects
+    from synthloop.outputs.shards import write_parquet_atomic
+    from synthloop.seeds.loaders import load_seeds
+
+    from synthloop.generator.schema import SCHEMA
+
+    rate = pl.col("scores").struct.field("pass_rate")
+    tried = pl.concat([read_kept(run_dir), read_rejects(run_dir).filter(pl.col("drop_reason") == "no_passing_sample")
+                       .select(SCHEMA.names())], how="vertical").filter(rate.is_not_null())
+    hard = (tried.with_row_index("order").sort([rate, "order"]).head(k).drop("order")
+            .with_columns(pl.lit("").alias("response"), pl.lit(None, dtype=pl.String).alias("drop_reason")))
+    hard = hard.with_columns(pl.col("messages").list.head(1))
+    seeds = load_seeds(original).records
+    rows = pl.concat([hard, seeds], how="vertical").unique(subset="id", keep="first", maintain_order=True)
+    write_parquet_atomic(rows, seeds_out)
+    return hard.height
+
+
+def _benchmark(cfg: RoundsConfig, base_model: str, adapter: str | None) -> dict:
+    """The student's scores on the [rounds] benchmark (answers through the generator's backend)."""
+    from synthloop.tuner.benchmark import evaluate_benchmark
+
+    path = None if cfg.rounds.benchmark == "bundled" else cfg.rounds.benchmark
+    res = evaluate_benchmark(path=path, base_model=base_model, adapter=adapter, student=cfg.run.llm["generator"],
+                             params=cfg.rounds.benchmark_sampling or None, keep_per_prompt=False)
+    return {k: v for k, v in res.items() if k != "per_prompt"}
+
+
+def _preference_pairs(rdir: Path) -> Path:
+    """round-NN/pairs/: DPO pairs from the round's rejection sampling (file contract: skipped if there)."""
+    from synthloop.outputs.export import export
+
+    pairs = rdir / "pairs"
+    if not (pairs / "pairs-00000.parquet").exists():
+        res = export(rdir, "dpo", pairs)
+        print(f"{rdir.name}: {res['rows']} preference pairs -> {pairs}", file=sys.stderr)
+    return pairs
+
+
 def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progress: bool = True,
                backend_factory=None) -> list[dict]:
     """Run (or resume) every round; returns the rounds.json entries.
@@ -136,6 +199,13 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
     out = Path(out or cfg.run.run.out or Path("runs") / cfg.run.run.name)
     base_model = cfg.run.llm["generator"].model
     done = {e["round"]: e for e in load_rounds(out)}
+    base_eval = load_base(out)
+    if cfg.rounds.benchmark and not (base_eval and base_eval.get("benchmark")):
+        print("base model: benchmark", file=sys.stderr)
+        base_eval = {"benchmark": _benchmark(cfg, base_model, None)}
+        record_base(out, base_eval)
+    previous_bench = (base_eval or {}).get("benchmark")
+    previous_loss = None
     adapter: str | None = None
     seeds: str | None = None
     earlier: list[Path] = []
@@ -143,6 +213,8 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
         rdir = out / f"round-{r:02d}"
         if r in done and done[r].get("eval"):
             adapter, seeds = done[r]["adapter"] and str(out / done[r]["adapter"]), done[r].get("next_seeds")
+            previous_bench = done[r]["eval"].get("benchmark") or previous_bench
+            previous_loss = done[r]["eval"].get("loss")
             seeds = seeds and str(out / seeds)
             earlier.append(rdir)
             print(f"round {r}: already complete", file=sys.stderr)
@@ -155,6 +227,8 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
             print(f"round {r}: training {new_adapter}", file=sys.stderr)
             tcfg = TrainConfig(**{"base_model": base_model, **cfg.train,
                                   "init_adapter": adapter if cfg.rounds.train_from == "last" else None})
+            if "dpo" in tcfg.method:
+                _preference_pairs(rdir)
             train_in_fresh_process(tcfg, rdir, new_adapter, overwrite=True)
         metrics = json.loads((new_adapter / "train_metrics.json").read_text())
         print(f"round {r}: evaluating", file=sys.stderr)
@@ -164,9 +238,20 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
         ev = evaluate(base_model=base_model, adapter=str(new_adapter), previous_adapter=adapter,
                       heldout=heldout, judge=judge if cfg.rounds.win_rate else None,
                       student=cfg.run.llm["generator"],
-                      seed=cfg.run.run.seed, limit=cfg.rounds.eval_limit or None)
+                      seed=cfg.run.run.seed, limit=cfg.rounds.eval_limit or None,
+                      previous_loss=previous_loss is None)
+        if previous_loss is not None:      # the previous student's loss is in its own entry already
+            ev["previous_loss"] = previous_loss
+        previous_loss = ev["loss"]
+        if cfg.rounds.benchmark:
+            print(f"round {r}: benchmark", file=sys.stderr)
+            ev["benchmark"], ev["previous_benchmark"] = _benchmark(cfg, base_model, str(new_adapter)), previous_bench
+            previous_bench = ev["benchmark"]
         next_seeds = None
-        if cfg.rounds.hard_examples and r + 1 < cfg.rounds.count:
+        if cfg.rounds.hard_examples and r + 1 < cfg.rounds.count and cfg.rounds.reseed == "pass_rate":
+            next_seeds = rdir / "next_seeds.parquet"
+            ev["hard_examples"] = _hard_by_pass_rate(rdir, cfg.rounds.hard_examples, next_seeds, cfg.run.seeds.path)
+        elif cfg.rounds.hard_examples and r + 1 < cfg.rounds.count:
             next_seeds = rdir / "next_seeds.json"
             ev["hard_examples"] = _hard_examples(base_model, str(new_adapter), rdir, cfg.rounds.hard_examples,
                                                  next_seeds, cfg.run.seeds.path)
