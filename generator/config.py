@@ -93,7 +93,17 @@ def from_dict(cls: type, data: dict, *, path: str, text: str, table: str) -> Any
             raise ConfigError(f"{where(path, text, key)}: [{table}] '{key}' must be "
                               f"{getattr(base, '__name__', base)}, got {type(value).__name__}")
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if str(e).startswith(path):
+            raise
+        err = e
+    except ValueError as e:          # the class's own checks (__post_init__)
+        err = e
+    # Point at the line of the first key the message names (else the file).
+    key = next((k for k in data if k in str(err)), "")
+    raise ConfigError(f"{where(path, text, key) if key else path}: [{table}] {err}") from None
 
 
 def parse_config(text: str, *, path: str = "<config>", extra_tables: tuple[str, ...] = ()) -> RunConfig:

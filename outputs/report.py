@@ -17,7 +17,7 @@ import polars as pl
 
 from synthloop.generator.schema import SCORES
 from synthloop.outputs.manifest import load_manifest
-from synthloop.outputs.rounds import load_rounds
+from synthloop.outputs.rounds import load_base, load_rounds
 from synthloop.outputs.run_reader import read_kept, read_rejects, run_dirs
 
 KEPT, DROPPED = "#2b7bba", "#d9534f"
@@ -209,6 +209,27 @@ def plot_rounds(rounds: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_benchmark(rounds: list[dict], base: dict | None, path: Path) -> Path | None:
+    """Benchmark accuracy (prompt- and instruction-level, loose) per round, the base model dashed."""
+    pts = [(r["round"], (r.get("eval") or {}).get("benchmark")) for r in rounds]
+    pts = [(n, b) for n, b in pts if b]
+    if not pts:
+        return None
+    fig = _figure(8, 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, color, label in (("prompt_loose", KEPT, "prompt-level"), ("instruction_loose", "tab:blue", "instruction-level")):
+        ax.plot([n for n, _ in pts], [b[key] for _, b in pts], marker="o", color=color, label=f"{label} (loose)")
+        if base and base.get(key) is not None:
+            ax.axhline(base[key], linestyle="--", color=color, alpha=0.6, label=f"base model, {label}")
+    ax.set_ylim(0, 1)
+    ax.set_xticks([n for n, _ in pts])
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_title("verifiable benchmark per round (higher is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -217,6 +238,11 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def _bench(ev: dict) -> str:
+    b = ev.get("benchmark")
+    return f"{b['prompt_loose']:.3f} / {b['instruction_loose']:.3f}" if b else ""
 
 
 def render_html(run_dir: Path, runs: list[RunData], rounds: list[dict], plots: list[tuple[str, Path]]) -> str:
@@ -236,15 +262,20 @@ def render_html(run_dir: Path, runs: list[RunData], rounds: list[dict], plots: l
     if rounds:
         parts.append("<h2>rounds</h2>")
         parts.append(_table(["round", "run dir", "adapter", "train steps", "final train loss", "held-out loss",
-                             "win-rate", "wins/losses/ties", "parse failures"],
+                             "win-rate", "wins/losses/ties", "parse failures", "benchmark prompt/instr. (loose)"],
                             [[r["round"], r.get("run_dir", ""), r.get("adapter") or "(base)",
                               _fmt((r.get("train_metrics") or {}).get("steps")),
                               _fmt((r.get("train_metrics") or {}).get("final_loss")),
                               _fmt((r.get("eval") or {}).get("loss")), _fmt((r.get("eval") or {}).get("win_rate")),
                               "/".join(_fmt((r.get("eval") or {}).get(k)) for k in ("wins", "losses", "ties")),
-                              _fmt((r.get("eval") or {}).get("parse_failures"))] for r in rounds]))
+                              _fmt((r.get("eval") or {}).get("parse_failures")), _bench(r.get("eval") or {})]
+                             for r in rounds]))
         if base_loss(rounds) is not None:
             parts.append(f"<p>held-out loss of the base model: {_fmt(base_loss(rounds))}</p>")
+        base = load_base(run_dir) or {}
+        if base.get("benchmark"):
+            parts.append(f"<p>benchmark of the base model, prompt/instruction-level (loose): "
+                         f"{_bench(base)}</p>")
     for title, png in plots:
         parts.append(f"<h2>{html.escape(title)}</h2><img src=\"{html.escape(png.name)}\" alt=\"{html.escape(title)}\">")
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse;margin:.5em 0}"
@@ -270,7 +301,9 @@ def write_report(run_dir: str | Path) -> Path:
             ("Drop reasons", plot_drop_reasons(runs, out / "drop_reasons.png")),
             ("Scores", plot_scores(runs, fields, out / "scores.png")),
             ("Survivors per generation method", plot_methods(runs, out / "methods.png")),
-            ("Rounds: held-out loss and win-rate", plot_rounds(rounds, out / "rounds.png"))]
+            ("Rounds: held-out loss and win-rate", plot_rounds(rounds, out / "rounds.png")),
+            ("Rounds: verifiable benchmark", plot_benchmark(rounds, (load_base(run_dir) or {}).get("benchmark"),
+                                                            out / "benchmark.png"))]
     plots = [(t, p) for t, p in made if p is not None]
     for stale in set(out.glob("*.png")) - {p for _, p in plots}:   # a plot that no longer applies
         stale.unlink()

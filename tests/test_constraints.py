@@ -660,3 +660,15 @@ def test_custom_check_from_config_is_registered_and_drawable():
     assert checks.check_one("Wow! Great!", "test:exclaim", '{"at_least": 2}').strict
     assert not checks.check_one("Wow! Great.", "test:exclaim", '{"at_least": 2}').loose
     assert stage.state()["drawn"]["test:exclaim"] >= 1
+
+
+def test_a_bad_constraints_table_is_one_line_with_file_and_line(tmp_path, capsys):
+    from synthloop.generator.cli import main
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[llm.generator]\nmodel = "x"\n[source]\ntype = "seeds"\n\n[[stages]]\ntype = "constraints"\n'
+                   'weights = { "nope:unknown" = 2 }\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {cfg}:8: [stages.0]") and "nope:unknown" in err
+    assert not (tmp_path / "out").exists()

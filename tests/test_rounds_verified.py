@@ -60,6 +60,7 @@ benchmark_sampling = {{ temperature = 0, max_tokens = 16 }}
 
 [train]
 method = "sft+dpo"
+replay = ["bundled"]
 max_steps = 1
 batch_size = 2
 max_length = 128
@@ -114,6 +115,8 @@ def test_every_round_samples_verifies_pairs_trains_and_scores(loop):
         metrics = json.loads((out / e["adapter"] / "train_metrics.json").read_text())
         dpo = metrics["dpo"]
         assert metrics["method"] == "sft+dpo" and dpo["pairs"] + sum(dpo["skipped"].values()) == pairs.height
+        # The seeds' own answers join the SFT phase only (replay); DPO sees the pairs alone.
+        assert metrics["sft"]["replayed"] == 182 and metrics["sft"]["examples"] + sum(metrics["sft"]["skipped"].values()) == 182 + kept.height
         bench = e["eval"]["benchmark"]
         assert bench["n_prompts"] == 2 and 0 <= bench["prompt_loose"] <= 1 and "per_prompt" not in bench
     r0, r1 = entries
@@ -157,6 +160,15 @@ def test_export_writes_every_format(loop, tmp_path, capsys):
     assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
     assert main(["export", str(tmp_path / "nothing"), "--format", "sft", "--out", str(tmp_path / "x")]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_report_draws_the_benchmark_per_round(loop):
+    from synthloop.outputs.report import write_report
+
+    out, _ = loop
+    index = write_report(out)
+    assert (index.parent / "benchmark.png").exists()
+    assert "benchmark of the base model" in index.read_text()
 
 
 def test_killed_in_round_one_resumes_to_the_clean_result(tmp_path, tiny_model, loop, monkeypatch):

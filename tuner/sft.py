@@ -79,6 +79,9 @@ class TrainConfig:
     dpo_learning_rate: float = 0.0        # 0: use learning_rate
     dpo_max_steps: int = 0                # 0: use max_steps (and epochs when that is 0 too)
     dpo_loss: str = "sigmoid"             # TRL's DPOConfig.loss_type: sigmoid (DPO), ipo, hinge, robust, ...
+    replay: list[str] = field(default_factory=list)   # seed files ("bundled" = ours) whose worked answers
+                                          # join the SFT data: human-written text keeps the student's style
+    replay_max: int = 0                   # > 0: a seeded sample of at most this many replayed answers
 
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str) -> None:
@@ -107,6 +110,9 @@ class TrainConfig:
         need(isinstance(self.dpo_max_steps, int) and self.dpo_max_steps >= 0, "dpo_max_steps",
              "must be an int >= 0 (0: use max_steps)")
         need(self.dpo_loss in DPO_LOSSES, "dpo_loss", "must be one of " + ", ".join(DPO_LOSSES))
+        need(isinstance(self.replay, list) and all(isinstance(p, str) and p for p in self.replay),
+             "replay", "must be a list of seed files (or \"bundled\")")
+        need(isinstance(self.replay_max, int) and self.replay_max >= 0, "replay_max", "must be an int >= 0")
 
 
 def load_train_config(path: str | Path, *, table: str = "train") -> TrainConfig:
@@ -162,6 +168,27 @@ def load_conversations(sources: str | Path | Sequence[str | Path] | pl.DataFrame
             raise ValueError(f"no Parquet shards found in {sources}")
         frame = pl.concat([pl.read_parquet(f, columns=["messages"]) for f in files], how="vertical")
     return [list(m) for m in frame["messages"].to_list() if m]
+
+
+def replay_conversations(seed_files: Sequence[str], *, limit: int = 0, seed: int = 0) -> list[list[dict]]:
+    """The worked answers of seed files (``"bundled"``: our seed set) as conversations; with a
+    `limit`, a sample of that many drawn with `seed` (kept in file order).
+
+    >>> len(replay_conversations(["bundled"])) >= 150, len(replay_conversations(["bundled"], limit=5))
+    (True, 5)
+    """
+    import random
+
+    from synthloop.seeds.loaders import load_seeds
+
+    out = []
+    for path in seed_files:
+        records = load_seeds(path).records.filter(pl.col("response").str.strip_chars() != "")
+        out += [list(m) for m in records["messages"].to_list()]
+    if 0 < limit < len(out):
+        keep = sorted(random.Random(seed).sample(range(len(out)), limit))
+        out = [out[i] for i in keep]
+    return out
 
 
 def build_examples(tokenizer, conversations: Iterable[Sequence[dict]], *, max_length: int) -> tuple[list[dict], dict]:
@@ -350,7 +377,9 @@ def _sft_into(cfg: TrainConfig, data, folder: Path) -> dict:
     t0 = time.time()
     set_seed(cfg.seed)
     base, tokenizer = _load_base(cfg)
-    examples, skipped = build_examples(tokenizer, load_conversations(data), max_length=cfg.max_length)
+    conversations = load_conversations(data)
+    replayed = replay_conversations(cfg.replay, limit=cfg.replay_max, seed=cfg.seed)
+    examples, skipped = build_examples(tokenizer, conversations + replayed, max_length=cfg.max_length)
     if not examples:
         raise ValueError(f"no trainable conversations in {data} (skipped: {skipped})")
     on_cuda = torch.cuda.is_available()
@@ -364,7 +393,7 @@ def _sft_into(cfg: TrainConfig, data, folder: Path) -> dict:
     result, train_seconds = _fit(trainer)
     _save_adapter(trainer, folder)
     data_counts = {
-        "examples": len(examples), "skipped": skipped,
+        "examples": len(examples), "skipped": skipped, "replayed": len(replayed),
         "example_tokens": sum(len(e["input_ids"]) for e in examples),
         "example_assistant_tokens": sum(lab != IGNORE for e in examples for lab in e["labels"]),
     }
