@@ -149,6 +149,46 @@ def test_openai_retries_with_backoff_and_isolates_bad_rows():
         srv.shutdown()
 
 
+class Slow(http.server.BaseHTTPRequestHandler):
+    """Answers after 50 ms and records the most requests it ever handled at once."""
+    active = peak = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with Slow.lock:
+            Slow.active += 1
+            Slow.peak = max(Slow.peak, Slow.active)
+        time.sleep(0.05)
+        with Slow.lock:
+            Slow.active -= 1
+        data = json.dumps({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_openai_concurrency_bound_holds_across_concurrent_calls():
+    import asyncio
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        llm = OpenAILLM("m", base_url=f"http://127.0.0.1:{srv.server_port}/v1", concurrency=2)
+
+        async def three_calls():
+            return await asyncio.gather(*(llm.agenerate([CHAT] * 3, {}) for _ in range(3)))
+        out = asyncio.run(three_calls())
+        assert all(c.ok for call in out for c in call) and Slow.peak == 2
+        assert llm.in_flight == 0 and llm.stats.requests == 9 and llm.default_in_flight == 4
+    finally:
+        srv.shutdown()
+
+
 def test_openai_dead_server_gives_counted_errors_not_exceptions():
     llm = OpenAILLM("m", base_url=f"http://127.0.0.1:{free_port()}/v1", backoff=0.01, max_retries=2, timeout=2)
     out = llm.generate([[{"role": "user", "content": "hi"}]] * 3, {"max_tokens": 4})

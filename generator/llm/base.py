@@ -9,6 +9,13 @@ each request its own settings.
 
 A request that fails comes back as a `Completion` with ``finish_reason == "error"``: per-row
 errors are counted, a batch never dies for one bad row.
+
+Every backend offers the same call twice: `generate` blocks, `agenerate` is a coroutine. Executors
+run stages concurrently on one event loop and call `agenerate`, so requests of many batches and
+stages reach the engine together (vLLM's continuous batching, the openai backend's concurrent
+HTTP requests). `in_flight` counts the backend's requests submitted and not yet answered: the
+executor reads it to keep the engine busy without queueing without bound, and the progress line
+shows it. `default_in_flight` is how many requests a backend wants in flight to stay busy.
 """
 from __future__ import annotations
 
@@ -60,8 +67,12 @@ class LLM(Protocol):
 
     name: str
     stats: Stats
+    in_flight: int
+    default_in_flight: int
 
     def generate(self, requests: Sequence[Request], params: Params) -> list[Completion]: ...
+
+    async def agenerate(self, requests: Sequence[Request], params: Params) -> list[Completion]: ...
 
     def close(self) -> None: ...
 

@@ -1,7 +1,8 @@
 """OpenAI-compatible backend: any server speaking /v1/chat/completions (vLLM's server, llama.cpp,
 SGLang, hosted APIs).
 
-Requests run concurrently (bounded by `concurrency`), each with its own timeout; connection
+Requests run concurrently (bounded by `concurrency`, across all `agenerate` calls sharing an
+event loop, so many batches in flight never open more connections), each with its own timeout; connection
 errors, timeouts, 429 and 5xx are retried with exponential backoff and full jitter. A request
 that still fails becomes a `Completion` with ``finish_reason == "error"`` and is counted, so one
 bad row never kills a batch. Raw prompt strings go to /v1/completions, which not every server
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import weakref
 from typing import Sequence
 
 from synthloop.generator.llm.base import Completion, Params, Request, Stats, per_request
@@ -35,11 +37,22 @@ class OpenAILLM:
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.name = name or f"openai:{model}"
         self.stats = Stats()
+        self.in_flight = 0
+        # Twice the connections: the next requests are ready the moment a slot frees up.
+        self.default_in_flight = 2 * concurrency
         self._rng = random.Random(seed)
+        self._slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # event loop -> Semaphore
 
     def generate(self, requests: Sequence[Request], params: Params) -> list[Completion]:
+        return asyncio.run(self.agenerate(requests, params))
+
+    async def agenerate(self, requests: Sequence[Request], params: Params) -> list[Completion]:
         plist = per_request(params, len(requests))
-        out = asyncio.run(self._run(list(requests), plist))
+        self.in_flight += len(requests)
+        try:
+            out = await self._run(list(requests), plist)
+        finally:
+            self.in_flight -= len(requests)
         self.stats.calls += 1
         self.stats.add(out)
         return out
@@ -49,7 +62,8 @@ class OpenAILLM:
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        sem = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
+        sem = self._slots.setdefault(loop, asyncio.Semaphore(self.concurrency))
         async with httpx.AsyncClient(headers=headers, limits=limits, timeout=self.timeout) as client:
             async def one(req: Request, p: dict) -> Completion:
                 async with sem:

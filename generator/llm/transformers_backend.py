@@ -5,10 +5,15 @@ of `batch_size`; settings go to `model.generate(**params)` as they are, except t
 `max_tokens` (-> `max_new_tokens`), `seed` (the sub-batch's seeds together seed torch, so a
 sub-batch is reproducible; per-row seeds as in vLLM would force batch size 1), `stop` and
 `temperature` 0 (greedy).
+
+`agenerate` runs `generate` in a worker thread, one call at a time (torch releases the GIL while
+it computes, so the event loop keeps preparing the next requests meanwhile).
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import zlib
 from typing import Sequence
 
@@ -44,14 +49,28 @@ class TransformersLLM:
         self.batch_size = batch_size
         self.name = name or (model if not adapter else f"{model}+{adapter}@{adapter_fingerprint(adapter)}")
         self.stats = Stats()
+        self.in_flight = 0
+        self.default_in_flight = 2 * batch_size    # one sub-batch computing, the next one waiting
         self._torch = torch
+        self._lock = threading.Lock()              # one generate at a time: the model is not reentrant
 
     def render(self, request: Request) -> str:
         if isinstance(request, str):
             return request
         return self.tokenizer.apply_chat_template(list(request), add_generation_prompt=True, tokenize=False)
 
+    async def agenerate(self, requests: Sequence[Request], params: Params) -> list[Completion]:
+        self.in_flight += len(requests)
+        try:
+            return await asyncio.to_thread(self.generate, requests, params)
+        finally:
+            self.in_flight -= len(requests)
+
     def generate(self, requests: Sequence[Request], params: Params) -> list[Completion]:
+        with self._lock:
+            return self._generate(requests, params)
+
+    def _generate(self, requests: Sequence[Request], params: Params) -> list[Completion]:
         plist = per_request(params, len(requests))
         out: list[Completion | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
