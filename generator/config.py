@@ -32,6 +32,8 @@ class RunSection:
     shard_rows: int = 1000
     cache: str = "default"        # request cache file; "default" = <cache dir>/requests.sqlite, "off"
     round: int = 0
+    executor: str = "pipelined"   # pipelined (many batches in flight) | sequential (one at a time)
+    in_flight: int = 0            # requests kept in flight; 0 = the backend's default (vllm: 64 on a CPU)
 
 
 @dataclass
@@ -52,8 +54,10 @@ class RunConfig:
     text: str = ""
 
     def hash(self) -> str:
-        """Identity of what the run produces: everything except how many records to stop at."""
-        body = {"run": {k: v for k, v in dataclasses.asdict(self.run).items() if k not in ("limit", "out")},
+        """Identity of what the run produces: everything except how many records to stop at and
+        how the work is scheduled (executors write the same records)."""
+        body = {"run": {k: v for k, v in dataclasses.asdict(self.run).items()
+                        if k not in ("limit", "out", "executor", "in_flight")},
                 "llm": {k: dataclasses.asdict(v) for k, v in self.llm.items()},
                 "seeds": dataclasses.asdict(self.seeds), "source": self.source, "stages": self.stages}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

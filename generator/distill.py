@@ -11,8 +11,9 @@ judge the first usable candidate is kept. A row with no usable candidate is drop
 Lineage: the task is unchanged, so `id`, `method`, `parent_id`, `generation` and `round` stay as
 they were (``method`` says where the *instruction* came from: a distilled self-instruct row stays
 ``self_instruct``); ``model`` names the teacher, as it does for every row's response writer.
-State: batch counter (seeded per-batch RNGs) and counts of samples, judged rows and how often
-best-of-n picked a candidate other than the first.
+Per-batch RNGs derive from the run seed, the stage name and the batch id, so batches may be
+answered concurrently. State: counts of samples, judged rows and how often best-of-n picked a
+candidate other than the first (a `Tally`, exact for the committed batches).
 
 Example::
 
@@ -35,7 +36,7 @@ import polars as pl
 from synthloop.filters.scoring import parse_score
 from synthloop.generator.registry import Context, register
 from synthloop.generator.schema import make_batch, to_messages
-from synthloop.generator.stages import Batches
+from synthloop.generator.stages import Tally, bump
 
 GRADE_PROMPT = """Below is a task for an AI assistant and one answer to it. Grade the answer from 1 to 10.
 
@@ -87,6 +88,8 @@ def failure_reason(finish_reasons: list[str], texts: list[str]) -> str:
 class Distill:
     """The distill stage (one batch out per batch in)."""
 
+    ordered = False
+
     def __init__(self, cfg: DistillConfig, ctx: Context):
         if cfg.n < 1:
             raise ValueError("distill: n must be >= 1")
@@ -95,28 +98,25 @@ class Distill:
         use_judge = cfg.n > 1 and cfg.judge_role and cfg.judge_role in ctx.config.llm
         self.judge = ctx.llm(cfg.judge_role) if use_judge else None
         self.name = "distill"      # the registry sets the configured name; it also keys the RNG stream
-        self.batches = 0
-        self.counts = {"samples": 0, "judged_rows": 0, "unscored": 0, "best_not_first": 0}
+        self.tally = Tally({"samples": 0, "judged_rows": 0, "unscored": 0, "best_not_first": 0})
 
     def state(self) -> dict:
-        return {"batches": self.batches, **self.counts}
+        return self.tally.totals
 
     def restore(self, state: dict, committed) -> None:
-        self.batches = state.get("batches", 0)
-        self.counts.update({k: state[k] for k in self.counts if k in state})
+        self.tally.restore(state)
+
+    def fold(self, batch_id: int) -> None:
+        self.tally.fold(batch_id)
 
     def _chat(self, row: dict) -> list[dict]:
         msgs = to_messages(row["instruction"], row["input"], "")
         return ([{"role": "system", "content": self.cfg.system}] if self.cfg.system else []) + msgs
 
-    def __call__(self, batches: Batches) -> Batches:
-        for batch in batches:
-            yield self.answer(batch)
-
-    def answer(self, batch: pl.DataFrame) -> pl.DataFrame:
+    async def process(self, batch: pl.DataFrame, batch_id: int) -> pl.DataFrame:
         """The batch with teacher responses (rows without a usable one get a drop_reason)."""
-        rng = random.Random(f"{self.ctx.seed}:{self.name}:{self.batches}")
-        self.batches += 1
+        rng = random.Random(f"{self.ctx.seed}:{self.name}:{batch_id}")
+        counts = self.tally.batch(batch_id)
         rows = batch.to_dicts()
         base = [rng.randrange(2**31) for _ in rows]
         todo = [i for i, r in enumerate(rows) if r["drop_reason"] is None
@@ -124,13 +124,13 @@ class Distill:
         if not todo:
             return batch
         n = self.cfg.n
-        done = self.teacher.generate([self._chat(rows[i]) for i in todo for _ in range(n)],
-                                     [dict(self.cfg.sampling, seed=base[i] + j) for i in todo for j in range(n)])
-        self.counts["samples"] += len(done)
+        done = await self.teacher.agenerate([self._chat(rows[i]) for i in todo for _ in range(n)],
+                                            [dict(self.cfg.sampling, seed=base[i] + j) for i in todo for j in range(n)])
+        bump(counts, "samples", n=len(done))
         cands = {i: done[k * n:(k + 1) * n] for k, i in enumerate(todo)}
         usable = {i: [c.text.strip() for c in cs if c.ok and c.finish_reason == "stop" and c.text.strip()]
                   for i, cs in cands.items()}
-        best = self._pick(rows, usable)
+        best = await self._pick(rows, usable, counts)
         for i in todo:
             r = rows[i]
             if i in best:
@@ -140,7 +140,7 @@ class Distill:
                 r["drop_reason"] = failure_reason([c.finish_reason for c in cands[i]], [c.text for c in cands[i]])
         return make_batch(rows)
 
-    def _pick(self, rows: list[dict], usable: dict[int, list[str]]) -> dict[int, str]:
+    async def _pick(self, rows: list[dict], usable: dict[int, list[str]], counts: dict) -> dict[int, str]:
         """The chosen answer per row: the judge's best of several, else the first."""
         best = {i: texts[0] for i, texts in usable.items() if texts}
         multi = [i for i, texts in usable.items() if len(texts) > 1]
@@ -149,16 +149,16 @@ class Distill:
         pairs = [(i, t) for i in multi for t in usable[i]]
         task = {i: rows[i]["instruction"] if not rows[i]["input"] else f"{rows[i]['instruction']}\n\n{rows[i]['input']}"
                 for i in multi}
-        done = self.judge.generate([grade_request(task[i], t) for i, t in pairs], self.cfg.judge_sampling)
+        done = await self.judge.agenerate([grade_request(task[i], t) for i, t in pairs], self.cfg.judge_sampling)
         scores: dict[int, list[float]] = {i: [] for i in multi}
         for (i, _), c in zip(pairs, done):
             s = parse_score(c.text, 1, 10) if c.ok else None
-            self.counts["unscored"] += s is None
+            bump(counts, "unscored", n=int(s is None))
             scores[i].append(float("-inf") if s is None else s)
         for i in multi:
-            self.counts["judged_rows"] += 1
+            bump(counts, "judged_rows")
             k = max(range(len(scores[i])), key=lambda j: (scores[i][j], -j))
-            self.counts["best_not_first"] += k > 0
+            bump(counts, "best_not_first", n=int(k > 0))
             best[i] = usable[i][k]
         return best
 

@@ -16,10 +16,11 @@ The stage yields the incoming rows unchanged plus every child, eliminated ones w
 response (as for every answered row). The evolved task is one text: a parent's `input` is folded
 into it and the child's `input` is empty.
 
-State: the batch counter (per-batch RNGs derive from the run seed and it, so a resumed run sends
-the same requests and hits the request cache) and a per-operation table,
-``{"ops": {"deepen": {"proposed": n, "kept": k, "dropped": {reason: c}}}, "judge": {...}}``,
-which the runner stores in manifest.json under ``state/<stage name>``.
+Per-batch RNGs derive from the run seed, the stage name and the batch id, so a resumed run sends
+the same requests and hits the request cache, and batches may be evolved concurrently. State: a
+per-operation table, ``{"ops": {"deepen": {"proposed": n, "kept": k, "dropped": {reason: c}}},
+"judge": {...}}`` (a `Tally`, exact for the committed batches), which the executor stores in
+manifest.json under ``state/<stage name>``.
 
 Example::
 
@@ -31,7 +32,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 
@@ -42,7 +42,7 @@ from synthloop.generator.evol_prompts import (CLOSE_TAGS, OPS, evolve_request, p
                                               same_request)
 from synthloop.generator.registry import Context, register
 from synthloop.generator.schema import make_batch, record_id, to_messages
-from synthloop.generator.stages import Batches
+from synthloop.generator.stages import Tally, bump
 
 
 @dataclass
@@ -69,8 +69,9 @@ def _task_text(row: dict) -> str:
 
 
 class Evol:
-    """The evol stage (one batch out per batch in); `state()` holds the batch counter and the
-    per-operation table."""
+    """The evol stage (one batch out per batch in); `state()` holds the per-operation table."""
+
+    ordered = False
 
     def __init__(self, cfg: EvolConfig, ctx: Context):
         unknown = set(cfg.ops) - set(OPS)
@@ -89,28 +90,23 @@ class Evol:
         self.answerer = ctx.llm(cfg.answer_role or cfg.role)
         self.judge = ctx.llm(cfg.judge_role) if cfg.judge_role else None
         self.name = "evol"      # the registry sets the configured name; it also keys the RNG stream
-        self.batches = 0
-        self.ops = {op: {"proposed": 0, "kept": 0, "dropped": {}} for op in self.op_names}
-        self.judged = {"asked": 0, "same": 0, "different": 0, "unclear": 0, "errors": 0}
+        self.tally = Tally({"ops": {op: {"proposed": 0, "kept": 0, "dropped": {}} for op in self.op_names},
+                            "judge": {"asked": 0, "same": 0, "different": 0, "unclear": 0, "errors": 0}})
 
     def state(self) -> dict:
-        return {"batches": self.batches, "ops": copy.deepcopy(self.ops), "judge": dict(self.judged)}
+        return self.tally.totals
 
     def restore(self, state: dict, committed) -> None:
-        self.batches = state.get("batches", 0)
-        for op, row in state.get("ops", {}).items():
-            self.ops[op] = copy.deepcopy(row)
-        self.judged.update(state.get("judge", {}))
+        self.tally.restore(state)
 
-    def __call__(self, batches: Batches) -> Batches:
-        for batch in batches:
-            yield self.evolve(batch)
+    def fold(self, batch_id: int) -> None:
+        self.tally.fold(batch_id)
 
-    def evolve(self, batch: pl.DataFrame) -> pl.DataFrame:
+    async def process(self, batch: pl.DataFrame, batch_id: int) -> pl.DataFrame:
         """The incoming rows unchanged, followed by their evolved children."""
         # One RNG per batch from the run seed: a resumed run sends the same requests (cache hits).
-        rng = random.Random(f"{self.ctx.seed}:{self.name}:{self.batches}")
-        self.batches += 1
+        rng = random.Random(f"{self.ctx.seed}:{self.name}:{batch_id}")
+        counts = self.tally.batch(batch_id)
         rows = batch.to_dicts()
         picks = [rng.random() < self.cfg.fraction for _ in rows]
         pool = [r for r, p in zip(rows, picks) if p and r["drop_reason"] is None and r["instruction"].strip()]
@@ -120,17 +116,17 @@ class Evol:
                 break
             ops = rng.choices(self.op_names, self.weights, k=len(pool))
             seeds = [rng.randrange(2**31) for _ in pool]
-            kids = self._generation(pool, ops, seeds)
+            kids = await self._generation(pool, ops, seeds, counts)
             children += kids
             pool = [k if k["drop_reason"] is None else p for p, k in zip(pool, kids)]
         if not children:
             return batch
         return pl.concat([batch, make_batch(children)])
 
-    def _generation(self, pool: list[dict], ops: list[str], seeds: list[int]) -> list[dict]:
+    async def _generation(self, pool: list[dict], ops: list[str], seeds: list[int], counts: dict) -> list[dict]:
         cfg = self.cfg
         texts = [_task_text(p) for p in pool]
-        done = self.llm.generate([evolve_request(op, t, extra_words=cfg.extra_words) for op, t in zip(ops, texts)],
+        done = await self.llm.agenerate([evolve_request(op, t, extra_words=cfg.extra_words) for op, t in zip(ops, texts)],
                                  [dict(cfg.evolve_sampling, seed=s) for s in seeds])
         kids = []
         for parent, op, text, c in zip(pool, ops, texts, done):
@@ -145,36 +141,34 @@ class Evol:
             kids.append({"id": record_id(task), "instruction": task, "input": "", "response": "", "method": f"evol:{op}",
                          "parent_id": parent["id"], "generation": parent["generation"] + 1,
                          "round": self.ctx.round, "model": self.llm.name, "drop_reason": reason})
-        self._judge([k for k, t in zip(kids, texts) if k["drop_reason"] is None],
-                    [t for k, t in zip(kids, texts) if k["drop_reason"] is None])
-        self._answer([(k, s) for k, s in zip(kids, seeds) if k["drop_reason"] is None])
+        await self._judge([k for k, t in zip(kids, texts) if k["drop_reason"] is None],
+                          [t for k, t in zip(kids, texts) if k["drop_reason"] is None], counts)
+        await self._answer([(k, s) for k, s in zip(kids, seeds) if k["drop_reason"] is None])
         for op, k in zip(ops, kids):
-            row = self.ops[op]
-            row["proposed"] += 1
+            bump(counts, "ops", op, "proposed")
             if k["drop_reason"] is None:
-                row["kept"] += 1
+                bump(counts, "ops", op, "kept")
             else:
-                row["dropped"][k["drop_reason"]] = row["dropped"].get(k["drop_reason"], 0) + 1
+                bump(counts, "ops", op, "dropped", k["drop_reason"])
         return kids
 
-    def _judge(self, kids: list[dict], parents: list[str]) -> None:
+    async def _judge(self, kids: list[dict], parents: list[str], counts: dict) -> None:
         """The LLM half of the information-gain check; an unclear verdict keeps the child."""
         if self.judge is None or not kids:
             return
-        done = self.judge.generate([same_request(p, k["instruction"]) for p, k in zip(parents, kids)],
-                                   self.cfg.judge_sampling)
+        done = await self.judge.agenerate([same_request(p, k["instruction"]) for p, k in zip(parents, kids)],
+                                          self.cfg.judge_sampling)
         for k, c in zip(kids, done):
-            self.judged["asked"] += 1
+            bump(counts, "judge", "asked")
             verdict = parse_same(c.text) if c.ok else None
-            key = "errors" if not c.ok else {True: "same", False: "different", None: "unclear"}[verdict]
-            self.judged[key] += 1
+            bump(counts, "judge", "errors" if not c.ok else {True: "same", False: "different", None: "unclear"}[verdict])
             if verdict:
                 k["drop_reason"] = "no_information_gain"
 
-    def _answer(self, todo: list[tuple[dict, int]]) -> None:
+    async def _answer(self, todo: list[tuple[dict, int]]) -> None:
         if not todo:
             return
-        done = self.answerer.generate([to_messages(k["instruction"], "", "") for k, _ in todo],
+        done = await self.answerer.agenerate([to_messages(k["instruction"], "", "") for k, _ in todo],
                                       [dict(self.cfg.answer_sampling, seed=s + 1) for _, s in todo])
         for (k, _), c in zip(todo, done):
             k["response"] = c.text.strip() if c.ok else ""

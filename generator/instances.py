@@ -11,6 +11,9 @@ For each row without a response:
 
 Drop reasons: ``generation_error`` (the backend failed the row), ``truncated`` (the answer hit
 the token limit), ``unparseable_instance``, ``empty_response``.
+
+The stage keeps no state: its random draws derive from the run seed and the batch id, so it may
+work on many batches at once.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import polars as pl
 
 from synthloop.generator.registry import Context, register
 from synthloop.generator.schema import make_batch, to_messages
-from synthloop.generator.stages import per_batch
 
 NONE = "<none>"
 SEP = "\n###\n"
@@ -92,6 +94,8 @@ def parse_output_first(text: str) -> tuple[str, str] | None:
 
 
 class Instances:
+    ordered = False
+
     def __init__(self, cfg: InstancesConfig, ctx: Context):
         if cfg.answer not in ("chat", "fewshot"):
             raise ValueError(f"instances.answer must be chat or fewshot, got {cfg.answer!r}")
@@ -103,17 +107,10 @@ class Instances:
         self.gen_demos = seeds.filter(~clf).to_dicts()
         if not self.gen_demos:
             raise ValueError("instances: the seeds have no answered task to use as a demonstration")
-        self.batches = 0
+        self.name = "instances"
 
-    def state(self) -> dict:
-        return {"batches": self.batches}
-
-    def restore(self, state: dict, committed) -> None:
-        self.batches = state.get("batches", 0)
-
-    def __call__(self, batch: pl.DataFrame) -> pl.DataFrame:
-        rng = random.Random(f"{self.ctx.seed}:instances:{self.batches}")
-        self.batches += 1
+    async def process(self, batch: pl.DataFrame, batch_id: int) -> pl.DataFrame:
+        rng = random.Random(f"{self.ctx.seed}:instances:{batch_id}")
         todo = [i for i, r in enumerate(batch["response"].to_list()) if not r]
         if not todo:
             return batch
@@ -127,7 +124,7 @@ class Instances:
             for i in todo:
                 demos = rng.sample(shots, min(2 * n, len(shots)))
                 prompts.append(classify_prompt(rows[i]["instruction"], demos))
-            done = self.llm.generate(prompts, self.cfg.classify_sampling)
+            done = await self.llm.agenerate(prompts, self.cfg.classify_sampling)
             is_clf = [c.ok and c.text.strip().lower().startswith("yes") for c in done]
         prompts = []
         for i, clf in zip(todo, is_clf):
@@ -135,7 +132,7 @@ class Instances:
             demos = rng.sample(pool, min(n, len(pool)))
             build = output_first_prompt if clf else input_first_prompt
             prompts.append(build(rows[i]["instruction"], demos))
-        done = self.llm.generate(prompts, [dict(self.cfg.instance_sampling, seed=seed_of[i]) for i in todo])
+        done = await self.llm.agenerate(prompts, [dict(self.cfg.instance_sampling, seed=seed_of[i]) for i in todo])
         answers_for = []
         for i, clf, c in zip(todo, is_clf, done):
             row = rows[i]
@@ -152,7 +149,7 @@ class Instances:
                     row["drop_reason"] = "truncated"
         if answers_for:
             chats = [to_messages(rows[i]["instruction"], rows[i]["input"], "") for i in answers_for]
-            done = self.llm.generate(chats, [dict(self.cfg.answer_sampling, seed=seed_of[i] + 1) for i in answers_for])
+            done = await self.llm.agenerate(chats, [dict(self.cfg.answer_sampling, seed=seed_of[i] + 1) for i in answers_for])
             for i, c in zip(answers_for, done):
                 rows[i]["response"] = c.text.strip() if c.ok else ""
                 if not c.ok:
@@ -170,6 +167,5 @@ class Instances:
 
 
 @register("stage", "instances", InstancesConfig)
-def build(cfg: InstancesConfig, ctx: Context):
-    inst = Instances(cfg, ctx)
-    return per_batch("instances", inst, owner=inst)
+def build(cfg: InstancesConfig, ctx: Context) -> Instances:
+    return Instances(cfg, ctx)

@@ -18,7 +18,9 @@ Drop reasons: ``generation_error``, ``truncated`` (the instruction hit `max_toke
 ``unsupported_modality``, ``starts_with_punctuation``, ``non_ascii_start``, ``write_a_program``),
 ``duplicate_instruction`` (seen before in this run), then for the answer ``generation_error``,
 ``truncated`` and ``empty_response``. State: the step counter (per-step RNGs derive from the run
-seed and it, so a resumed run sends the same requests and hits the cache).
+seed and it, so a resumed run sends the same requests and hits the cache). The instruction
+requests of the next `steps_in_flight` steps go out early: they do not depend on earlier steps,
+so this changes no output; filtering and answering stay in step order.
 
 Example::
 
@@ -57,6 +59,7 @@ class MagpieConfig:
     requests_per_step: int = 16      # raw prompts sent together
     max_steps: int = 0               # 0: until the run's limit
     patience: int = 10               # stop after this many steps in a row keep nothing
+    steps_in_flight: int = 2         # steps whose instruction requests are out at once
     min_words: int = 3
     max_words: int = 150
     instruction_sampling: dict = field(default_factory=lambda: {"temperature": 1.0, "top_p": 1.0, "max_tokens": 128})
@@ -125,14 +128,20 @@ class Magpie:
         mine = committed.passed().filter(pl.col("method") == "magpie").select("id")
         self.seen.update(mine.collect()["id"].to_list())
 
-    def _one_step(self) -> pl.DataFrame:
+    def launch(self, step: int):
+        """The step's instruction requests, fixed now, and the awaitable of (seeds, completions)."""
         cfg = self.cfg
-        rng = random.Random(f"{self.ctx.seed}:{self.name}:{self.step}")
+        rng = random.Random(f"{self.ctx.seed}:{self.name}:{step}")
         seeds = [rng.randrange(2**31) for _ in range(cfg.requests_per_step)]
         stop = [s for s in (self.end_of_turn,) if s]
-        done = self.llm.generate([self.prefix] * len(seeds),
-                                 [dict(cfg.instruction_sampling, stop=stop, seed=s) for s in seeds])
-        self.step += 1
+        return _paired(seeds, self.llm.agenerate([self.prefix] * len(seeds),
+                                                 [dict(cfg.instruction_sampling, stop=stop, seed=s) for s in seeds]))
+
+    async def finish(self, step: int, answers: tuple[list[int], list]) -> pl.DataFrame:
+        """Filter a step's instructions against the ones seen before, answer the survivors."""
+        cfg = self.cfg
+        seeds, done = answers
+        self.step = step + 1
         if all(not c.ok for c in done):
             err = next((c.error for c in done if c.error), "no error text")
             hint = (" (Magpie sends a raw prompt; this server lacks /v1/completions: use one that has it, "
@@ -156,19 +165,19 @@ class Magpie:
                 step_ids.add(rid)
             rows.append({"instruction": inst, "method": "magpie", "model": self.llm.name,
                          "round": self.ctx.round, "drop_reason": reason, "_seed": s})
-        self._answer([r for r in rows if r["drop_reason"] is None])
+        await self._answer([r for r in rows if r["drop_reason"] is None])
         # Only rows leaving this source count as seen: exactly what restore() rebuilds.
         self.seen.update(record_id(r["instruction"]) for r in rows if r["drop_reason"] is None)
         for r in rows:
             del r["_seed"]
         return make_batch(rows)
 
-    def _answer(self, todo: list[dict]) -> None:
+    async def _answer(self, todo: list[dict]) -> None:
         if not todo:
             return
         sys_msg = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
-        done = self.answerer.generate([sys_msg + [{"role": "user", "content": r["instruction"]}] for r in todo],
-                                      [dict(self.cfg.answer_sampling, seed=r["_seed"] + 1) for r in todo])
+        done = await self.answerer.agenerate([sys_msg + [{"role": "user", "content": r["instruction"]}] for r in todo],
+                                             [dict(self.cfg.answer_sampling, seed=r["_seed"] + 1) for r in todo])
         for r, c in zip(todo, done):
             r["response"], r["model"] = (c.text.strip() if c.ok else ""), self.answerer.name
             if not c.ok:
@@ -179,7 +188,13 @@ class Magpie:
                 r["drop_reason"] = "empty_response"
 
     def __call__(self):
-        return run_steps(self, "magpie", max_steps=self.cfg.max_steps, patience=self.cfg.patience)
+        return run_steps(self, "magpie", max_steps=self.cfg.max_steps, patience=self.cfg.patience,
+                         ahead=self.cfg.steps_in_flight, speculate=self.ctx.speculate)
+
+
+async def _paired(seeds: list[int], answers):
+    return seeds, await answers
+
 
 @register("source", "magpie", MagpieConfig)
 def build(cfg: MagpieConfig, ctx: Context) -> Magpie:

@@ -69,19 +69,23 @@ class Mix:
             if hasattr(p, "restore"):
                 p.restore(s, committed)
 
-    def __call__(self):
+    async def __call__(self):
         streams = [p() for p in self.parts]
-        while not all(self.stopped):
-            i = self.order[self.pos]
-            self.pos = (self.pos + 1) % len(self.order)
-            if self.stopped[i]:
-                continue
-            try:
-                batch = next(streams[i])
-            except StopIteration:
-                self.stopped[i] = True
-                continue
-            yield batch
+        try:
+            while not all(self.stopped):
+                i = self.order[self.pos]
+                self.pos = (self.pos + 1) % len(self.order)
+                if self.stopped[i]:
+                    continue
+                try:
+                    batch = await anext(streams[i])
+                except StopAsyncIteration:
+                    self.stopped[i] = True
+                    continue
+                yield batch
+        finally:
+            for s in streams:
+                await s.aclose()     # cancels the steps a part launched ahead
 
 
 @register("source", "mix", MixConfig)

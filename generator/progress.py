@@ -1,4 +1,5 @@
-"""Live progress on stderr: records kept (of the limit), records/s, tokens/s, rows dropped.
+"""Live progress on stderr: records kept (of the limit), records/s, requests in flight, the
+engine's completion tokens/s (cache hits excluded), rows dropped.
 
 On a terminal it is a rich progress bar; when stderr is a file or pipe (CI, nohup) the same
 figures are printed as a plain line every `log_every` seconds instead.
@@ -38,7 +39,8 @@ class RunProgress:
         dt = max(time.monotonic() - self.t0, 1e-9)
         tokens = sum(l.stats.completion_tokens for l in llms)
         hits = sum(l.stats.cache_hits for l in llms)
-        stats = (f"{(kept - self.start_rows) / dt:.2f} rec/s  {tokens / dt:.0f} tok/s  "
+        in_flight = sum(l.in_flight for l in llms)
+        stats = (f"{(kept - self.start_rows) / dt:.2f} rec/s  in flight {in_flight}  engine {tokens / dt:.0f} tok/s  "
                  f"kept {kept}  dropped {dropped}  cache hits {hits}")
         self.progress.update(self.task, completed=kept, stats=stats)
         if self.plain and time.monotonic() - self.last_log >= self.log_every:

@@ -6,8 +6,9 @@ A module registers a builder with its config dataclass::
     def build(cfg: HeuristicsConfig, ctx: Context) -> Stage: ...
 
 `build(kind, table, ctx)` validates the table (unknown keys are named) and calls the builder.
-Builders get a `Context`: the run's seed and round, its directory, the seed records, and the LLM
-backends by role (built lazily, shared when two roles name the same backend, cached).
+Builders get a `Context`: the run's seed and round, its directory, the seed records, the LLM
+backends by role (built lazily, shared when two roles name the same backend, cached), and
+`speculate()`: whether work ahead of need (a source's next steps) may start now.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from synthloop.generator.config import ConfigError, RunConfig, from_dict, where
 from synthloop.generator.llm.base import LLM, BackendSpec
+from synthloop.generator.stages import as_stage
 from synthloop.seeds.loaders import SeedSet
 
 #: Modules whose import registers sources and stages.
@@ -65,6 +67,9 @@ class Context:
     run_dir: Path
     seeds: SeedSet
     open_llm: Callable[[BackendSpec], LLM]
+    # False while every answer so far came from the request cache: the run replays a finished
+    # one and must not send requests that run never needed (see generator/executors.py).
+    speculate: Callable[[], bool] = lambda: True
     _llms: dict = field(default_factory=dict)
 
     @property
@@ -103,6 +108,11 @@ def validate(cfg: RunConfig) -> None:
     """Check every source/stage table against its config class without building anything."""
     if "generator" not in cfg.llm:
         raise ConfigError(f"{cfg.path}: [llm] needs a 'generator' backend")
+    if cfg.run.executor not in ("pipelined", "sequential"):
+        raise ConfigError(f"{where(cfg.path, cfg.text, 'executor')}: [run] executor must be pipelined or "
+                          f"sequential, got '{cfg.run.executor}'")
+    if cfg.run.in_flight < 0:
+        raise ConfigError(f"{where(cfg.path, cfg.text, 'in_flight')}: [run] in_flight must be >= 0 (0: the backend's default)")
     for role, spec in cfg.llm.items():
         if spec.backend not in ("transformers", "vllm", "openai"):
             raise ConfigError(f"{where(cfg.path, cfg.text, 'backend')}: [llm.{role}] backend must be "
@@ -128,4 +138,4 @@ def build(kind: str, table: dict, ctx: Context, label: str) -> Any:
     cls, fn, rest = _split(kind, table, ctx.config, label)
     obj = fn(from_dict(cls, rest, path=ctx.config.path, text=ctx.config.text, table=label), ctx)
     obj.name = table.get("name", table["type"])
-    return obj
+    return as_stage(obj) if kind == "stage" else obj

@@ -13,6 +13,15 @@ kept only if they pass the paper's filters, each drop counted by reason:
   ROUGE-L, indexed so the check stays cheap at 50,000 instructions: generator/rouge.py)
 
 Kept instructions leave with an empty response; the `instances` stage answers them.
+
+Staleness: `steps_in_flight` steps are generated at once, so the pool a prompt draws its two
+machine-generated examples from is a little behind. Step k's prompts draw from the instructions
+kept by steps <= k - steps_in_flight; with 1, the pool after the previous step, as in the paper's
+batched generation (its prompts of one batch do not see each other's output either). The novelty
+check is unaffected: every candidate is compared with every instruction kept before it, seeds
+included, in step order. What changes with more steps in flight is only which machine examples
+the prompts show (a few steps' worth of the newest instructions are not shown yet); the rows
+are a deterministic function of the config, never of timing.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import random
 import re
 import string
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -52,6 +62,7 @@ class SelfInstructConfig:
     max_words: int = 150
     max_steps: int = 0                       # 0: until the run's limit
     patience: int = 10                       # stop after this many steps in a row keep nothing
+    steps_in_flight: int = 2                 # step k's machine examples come from steps <= k - this
     # The paper sampled GPT-3 at top_p 0.5; a 135M model then repeats one item down the list
     # (measured: 12 new instructions per 1k tokens vs 50 at temperature 1.0, top_p 0.9).
     sampling: dict = field(default_factory=lambda: {
@@ -101,9 +112,12 @@ def rule_reason(inst: str, *, min_words: int = 3, max_words: int = 150) -> str |
 
 
 class SelfInstruct:
-    """The self-instruct source. State: the step counter; the pool is rebuilt from committed rows."""
+    """The self-instruct source. State: the step counter and the instructions the newest steps
+    kept (too new for the next prompts); the pool itself is rebuilt from committed rows."""
 
     def __init__(self, cfg: SelfInstructConfig, ctx: Context):
+        if cfg.steps_in_flight < 1:
+            raise ValueError("self_instruct: steps_in_flight must be >= 1")
         self.cfg, self.ctx = cfg, ctx
         self.llm = ctx.llm(cfg.role)
         self.seed_tasks = list(dict.fromkeys(ctx.seeds.records["instruction"].to_list()))
@@ -111,36 +125,50 @@ class SelfInstruct:
         self.index = NoveltyIndex(threshold=cfg.threshold)
         for t in self.seed_tasks:
             self.index.add(t)
-        self.step = 0
+        self.step = 0                         # steps finished
+        # (step, instructions it kept) for the last steps_in_flight - 1 finished steps
+        self.recent: deque = deque(maxlen=cfg.steps_in_flight - 1)
         self.name = "self_instruct"
 
     def state(self) -> dict:
-        return {"step": self.step, "machine_tasks": len(self.machine)}
+        return {"step": self.step, "machine_tasks": len(self.machine),
+                "recent": [[step, list(kept)] for step, kept in self.recent]}
 
     def restore(self, state: dict, committed) -> None:
         """Refill the pool with every instruction this source accepted in earlier processes."""
         self.step = state.get("step", 0)
+        self.recent.extend((step, kept) for step, kept in state.get("recent", []))
         mine = committed.passed().filter(pl.col("method") == "self_instruct").select("instruction")
         for t in mine.collect()["instruction"].to_list():
             self.machine.append(t)
             self.index.add(t)
 
-    def _examples(self, rng: random.Random) -> list[str]:
-        n_machine = min(self.cfg.machine_examples, len(self.machine))
+    def _pool(self, step: int) -> list[str]:
+        """Machine instructions step `step` may show: those kept by steps <= step - steps_in_flight,
+        in a canonical order (a resumed run rebuilds the pool from shards in another order, and
+        must still draw exactly the examples an uninterrupted run would)."""
+        too_new = {t for s, kept in self.recent if s > step - self.cfg.steps_in_flight for t in kept}
+        return sorted(t for t in self.machine if t not in too_new)
+
+    def _examples(self, rng: random.Random, pool: list[str]) -> list[str]:
+        n_machine = min(self.cfg.machine_examples, len(pool))
         picked = rng.sample(self.seed_tasks, self.cfg.seed_examples + self.cfg.machine_examples - n_machine)
-        # Sample from a canonical order: a resumed run rebuilds the pool from shards in another
-        # order, and must still draw exactly the examples an uninterrupted run would.
-        picked += rng.sample(sorted(self.machine), n_machine)
+        picked += rng.sample(pool, n_machine)
         rng.shuffle(picked)
         return picked
 
-    def _one_step(self) -> pl.DataFrame:
+    def launch(self, step: int):
+        """The step's prompts, fixed now, and the awaitable of their completions."""
         # One RNG per step, derived from the run seed: a resumed run sends the same prompts.
-        rng = random.Random(f"{self.ctx.seed}:self_instruct:{self.step}")
-        prompts = [build_prompt(self._examples(rng)) for _ in range(self.cfg.prompts_per_step)]
+        rng = random.Random(f"{self.ctx.seed}:self_instruct:{step}")
+        pool = self._pool(step)
+        prompts = [build_prompt(self._examples(rng, pool)) for _ in range(self.cfg.prompts_per_step)]
         params = [dict(self.cfg.sampling, seed=rng.randrange(2**31)) for _ in prompts]
-        done = self.llm.generate(prompts, params)
-        rows = []
+        return self.llm.agenerate(prompts, params)
+
+    async def finish(self, step: int, done: list) -> pl.DataFrame:
+        """Parse and filter a step's completions (in step order: novelty is checked against all before)."""
+        rows, kept = [], []
         for c in done:
             if not c.ok:
                 continue
@@ -152,19 +180,23 @@ class SelfInstruct:
                 if reason is None:
                     novel, _ = self.index.add_if_novel(inst)
                     if novel:
-                        self.machine.append(inst)
+                        kept.append(inst)
                     else:
                         reason = "too_similar"
                 rows.append({"instruction": inst, "method": "self_instruct", "model": self.llm.name,
                              "round": self.ctx.round, "drop_reason": reason})
-        self.step += 1
+        self.machine += kept
+        self.recent.append((step, kept))
+        self.step = step + 1
         errors = sum(not c.ok for c in done)
         if errors:
             print(f"self_instruct: {errors} of {len(done)} requests failed this step", file=sys.stderr)
         return make_batch(rows)
 
     def __call__(self):
-        return run_steps(self, "self_instruct", max_steps=self.cfg.max_steps, patience=self.cfg.patience)
+        return run_steps(self, "self_instruct", max_steps=self.cfg.max_steps, patience=self.cfg.patience,
+                         ahead=self.cfg.steps_in_flight, speculate=self.ctx.speculate)
+
 
 @register("source", "self_instruct", SelfInstructConfig)
 def build(cfg: SelfInstructConfig, ctx: Context) -> SelfInstruct:

@@ -30,7 +30,7 @@ class SeedsSource:
     def restore(self, state: dict, committed) -> None:
         self.cursor = state.get("cursor", 0)
 
-    def __call__(self):
+    async def __call__(self):
         n = self.records.height
         while self.cursor < n * self.cfg.repeat:
             start = self.cursor % n

@@ -119,16 +119,17 @@ class RunStore:
     def commit_due(self) -> bool:
         return self.kept.full() or self.rej.full()
 
-    def commit(self, *, stages: list[dict], state: dict, llm: dict, complete: bool = False,
+    def commit(self, *, stages: list[dict], state: dict, llm: dict, batches: int = 0, complete: bool = False,
                final: bool = False) -> None:
-        """Persist everything added so far; the manifest rename is the commit point."""
+        """Persist everything added so far; the manifest rename is the commit point. `batches`
+        is the watermark: how many source batches the committed rows and state cover."""
         self.committing = True
         try:
-            self._commit(stages=stages, state=state, llm=llm, complete=complete, final=final)
+            self._commit(stages=stages, state=state, llm=llm, batches=batches, complete=complete, final=final)
         finally:
             self.committing = False
 
-    def _commit(self, *, stages, state, llm, complete, final) -> None:
+    def _commit(self, *, stages, state, llm, batches, complete, final) -> None:
         m = self.manifest
         self.dir.mkdir(parents=True, exist_ok=True)
         seq = m["commits"] + 1
@@ -147,7 +148,7 @@ class RunStore:
         m.update(commits=seq, updated_at=time.time(), complete=complete,
                  shards=m["shards"] + new_kept, rejects=m["rejects"] + new_rej, pending=pending,
                  pending_rows={"kept": rest_kept.height, "rejects": rest_rej.height},
-                 stages=stages, state=state, llm=llm)
+                 stages=stages, state=state, llm=llm, batches=batches)
         save_manifest(self.dir, m)
         for rel in set(old_pending.values()) - set(pending.values()):
             (self.dir / rel).unlink(missing_ok=True)

@@ -1,11 +1,15 @@
 """A scripted LLM for unit tests of prompt plumbing, parsing and checkpointing.
 
 It answers each kind of synthloop prompt in the expected shape with text derived from a hash of
-the request, so answers are deterministic and distinct. It counts what reached it. Model-backed
-tests (test_backends.py, test_cli_e2e.py) exercise the real backends.
+the request, so answers are deterministic and distinct. It counts what reached it. With
+`latency`, each request of `agenerate` takes a random time up to that many seconds (drawn from
+the request's hash, so reruns are alike), and `fail_rate` fails that share of requests (also by
+hash): the executors' concurrency tests. Model-backed tests (test_backends.py, test_cli_e2e.py)
+exercise the real backends.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 
@@ -21,16 +25,25 @@ WORDS = ("river mountain budget recipe planet garden poem email invoice bridge e
          "quartz meadow syntax voltage archive compass").split()
 
 
+def _key(request, params) -> str:
+    return hashlib.sha256((repr(request) + repr(sorted(params.items()))).encode()).hexdigest()
+
+
 class ScriptedLLM:
-    def __init__(self, name: str = "scripted", fail_every: int = 0):
+    def __init__(self, name: str = "scripted", fail_every: int = 0, *, latency: float = 0.0, fail_rate: float = 0.0):
         self.name, self.stats, self.fail_every = name, Stats(), fail_every
+        self.latency, self.fail_rate = latency, fail_rate
         self.seen = 0
+        self.in_flight = self.peak_in_flight = 0
+        self.default_in_flight = 64
 
     def _answer(self, request, params) -> Completion:
-        key = repr(request) + repr(sorted(params.items()))
-        rng = random.Random(hashlib.sha256(key.encode()).hexdigest())
+        key = _key(request, params)
+        rng = random.Random(key)
         self.seen += 1
         if self.fail_every and self.seen % self.fail_every == 0:
+            return Completion("", "error", error="scripted failure")
+        if self.fail_rate and random.Random("fail" + key).random() < self.fail_rate:
             return Completion("", "error", error="scripted failure")
         if isinstance(request, str) and "numbered list of tasks" in request:
             items = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))).capitalize() + "."
@@ -89,14 +102,32 @@ class ScriptedLLM:
         self.stats.add(out)
         return out
 
+    async def agenerate(self, requests, params):
+        plist = per_request(params, len(requests))
+        self.in_flight += len(requests)
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+        async def one(r, p):
+            if self.latency:
+                await asyncio.sleep(random.Random("latency" + _key(r, p)).uniform(0, self.latency))
+            return self._answer(r, p)
+        try:
+            out = list(await asyncio.gather(*(one(r, p) for r, p in zip(requests, plist))))
+        finally:
+            self.in_flight -= len(requests)
+        self.stats.calls += 1
+        self.stats.add(out)
+        return out
+
     def close(self):
         pass
 
 
-def scripted_factory(counter: list | None = None):
-    """A backend factory for `execute(..., backend_factory=...)`; appends each backend to `counter`."""
+def scripted_factory(counter: list | None = None, **options):
+    """A backend factory for `execute(..., backend_factory=...)`; appends each backend to `counter`;
+    `options` go to every `ScriptedLLM` (latency, fail_rate)."""
     def factory(spec, cache=None):
-        llm = ScriptedLLM(name=f"scripted:{spec.model}")
+        llm = ScriptedLLM(name=f"scripted:{spec.model}", **options)
         if counter is not None:
             counter.append(llm)
         return CachedLLM(llm, cache, "scripted") if cache is not None else llm
@@ -109,6 +140,7 @@ class FnLLM:
 
     def __init__(self, fn, name: str = "fn"):
         self.fn, self.name, self.stats, self.sent = fn, name, Stats(), []
+        self.in_flight, self.default_in_flight = 0, 64
 
     def generate(self, requests, params):
         out = []
@@ -119,6 +151,9 @@ class FnLLM:
         self.stats.calls += 1
         self.stats.add(out)
         return out
+
+    async def agenerate(self, requests, params):
+        return self.generate(requests, params)
 
     def close(self):
         pass
@@ -137,3 +172,49 @@ def context(llms: dict, toml: str = "", seeds=None):
     cfg = parse_config(roles + toml, path="test.toml")
     return Context(config=cfg, run_dir=Path("."), seeds=seeds or load_seeds("bundled"),
                    open_llm=lambda spec: llms.get(spec.model, llms["generator"]))
+
+
+def run_batch(stage, batch, batch_id: int = 0):
+    """One batch through a stage outside an executor, its tally folded as a commit would."""
+    out = asyncio.run(stage.process(batch, batch_id))
+    if hasattr(stage, "fold"):
+        stage.fold(batch_id)
+    return out
+
+
+class Batches:
+    """Pull batches from a source one at a time from synchronous test code (one event loop for
+    the whole iteration, as an executor has)."""
+
+    def __init__(self, source):
+        self.loop = asyncio.new_event_loop()
+        self.it = source()
+
+    def __next__(self):
+        try:
+            return self.loop.run_until_complete(anext(self.it))
+        except StopAsyncIteration:
+            self.close()
+            raise StopIteration from None
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self):
+        return self
+
+    def close(self):
+        """End the source (cancelling the steps it launched ahead) and the loop."""
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.it.aclose())
+            self.loop.run_until_complete(asyncio.sleep(0))     # let the cancelled steps finish
+            self.loop.close()
+
+
+def first(source):
+    """The first batch of a source (then the source is closed)."""
+    batches = Batches(source)
+    try:
+        return next(batches)
+    finally:
+        batches.close()

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from scripted_llm import run_batch
 from synthloop.filters.dedup_cli import main as dedup_main
 from synthloop.filters.exact import ExactConfig, ExactDedup
 from synthloop.filters.lsh import lsh_probability, optimal_bands_rows, signature_cut
@@ -96,7 +97,7 @@ def test_exact_dedup_keep_first_within_and_across_batches():
     b2 = make_batch([{"instruction": "NAME A COLOUR", "response": "Red!"},          # dup of b1 row 2
                      {"instruction": "Name a shape.", "response": "Square"},
                      {"instruction": "Name a shape", "response": "square", "drop_reason": "too_short"}])
-    out1, out2 = list(stage(iter([b1, b2])))
+    out1, out2 = run_batch(stage, b1, 0), run_batch(stage, b2, 1)
     assert _reasons(out1) == [None, "exact_duplicate", None]
     assert _reasons(out2) == ["exact_duplicate", None, "too_short"]   # earlier rejects untouched
 
@@ -188,7 +189,7 @@ def test_minhash_keep_first_within_and_across_batches():
                      {"instruction": c, "response": "r"},
                      {"instruction": c.upper(), "response": "r", "drop_reason": "empty"},
                      {"instruction": "", "response": ""}, {"instruction": "", "response": ""}])
-    out1, out2 = list(stage(iter([b1, b2])))
+    out1, out2 = run_batch(stage, b1, 0), run_batch(stage, b2, 1)
     assert _reasons(out1) == [None, None, "near_duplicate"]
     assert _reasons(out2) == ["near_duplicate", None, "empty", None, None]  # empty text: exact's job
     assert dd.state() == {"indexed_docs": 3}
@@ -275,7 +276,7 @@ def test_stages_from_toml(tmp_path):
     assert [s.name for s in stages] == ["exact_dedup", "minhash_dedup"]
     assert stages[1].owner.cfg.threshold == 0.8 and stages[1].owner.index.check == "exact"
     b = make_batch([{"instruction": "Same task", "response": "a"}, {"instruction": "same task", "response": "b"}])
-    assert _reasons(next(stages[0](iter([b])))) == [None, "exact_duplicate"]
+    assert stages[0].ordered and _reasons(run_batch(stages[0], b)) == [None, "exact_duplicate"]
     with pytest.raises(ConfigError, match="unknown key 'treshold'"):
         parse_config('[[stages]]\ntype = "minhash_dedup"\ntreshold = 0.8\n')
 

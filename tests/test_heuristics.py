@@ -4,6 +4,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from scripted_llm import run_batch
 from synthloop.filters.heuristics import (REASONS, HeuristicsConfig, apply_heuristics,
                                           longest_char_run, loop_fraction)
 from synthloop.generator.config import parse_config
@@ -105,6 +106,6 @@ def test_stage_from_toml_config():
     stage = build(cls(**{k: v for k, v in cfg.stages[0].items() if k != "type"}), None)
     batches = [make_batch([{"instruction": "Hi", "response": "one two three four five six"}]),
                make_batch([{"instruction": "Hi", "response": "I'm sorry, but no."}])]
-    out = list(stage(iter(batches)))
-    assert len(out) == 2                                 # one batch out per batch in
+    out = [run_batch(stage, b, i) for i, b in enumerate(batches)]
+    assert not stage.ordered                             # no state: batches may run concurrently
     assert [b["drop_reason"].to_list() for b in out] == [["too_long"], [None]]

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import polars as pl
 import pytest
 
-from scripted_llm import PRE_QUERY, FnLLM, context, scripted_factory
+from scripted_llm import PRE_QUERY, Batches, FnLLM, context, first, scripted_factory
 from synthloop.generator.config import parse_config
 from synthloop.generator.llm.base import Completion
 from synthloop.generator.llm.cache import CachedLLM, RequestCache
@@ -117,21 +117,26 @@ def test_step_filters_junk_answers_survivors_and_counts_steps():
     llm = _SeqLLM(_instructions, "gen")
     m = Magpie(MagpieConfig(pre_query=PRE_QUERY, end_of_turn="<|im_end|>", requests_per_step=8, system="Be kind."),
                context({"generator": llm}))
-    batch = next(m())
+    batches = Batches(m)
+    batch = next(batches)
     assert batch["drop_reason"].to_list() == [None, "empty_instruction", "too_short", "non_ascii_start", "truncated",
                                               "duplicate_instruction", "generation_error", "unsupported_modality"]
     kept = batch.row(0, named=True)
     assert kept["instruction"] == "How do rainbows form after a storm?"
     assert kept["response"] == "Answer to: How do rainbows form after a storm?"
     assert kept["method"] == "magpie" and kept["model"] == "gen" and kept["parent_id"] is None
+    # Step 0's raw prompts, and those of the steps_in_flight steps after it: out while step 0's
+    # batch is handed over. Then step 0's one answer.
     raw = [(r, p) for r, p in llm.sent if isinstance(r, str)]
-    assert len(raw) == 8 and all(r == PRE_QUERY and p["stop"] == ["<|im_end|>"] for r, p in raw)
+    assert len(raw) == 8 * (1 + m.cfg.steps_in_flight)
+    assert all(r == PRE_QUERY and p["stop"] == ["<|im_end|>"] for r, p in raw)
     chats = [r for r, _ in llm.sent if not isinstance(r, str)]
     assert chats == [[{"role": "system", "content": "Be kind."},
                       {"role": "user", "content": "How do rainbows form after a storm?"}]]
     assert m.state() == {"step": 1}
     # The same instruction in a later step is a duplicate too.
-    assert next(m())["drop_reason"][0] == "duplicate_instruction"
+    assert next(batches)["drop_reason"][0] == "duplicate_instruction"
+    batches.close()
 
 
 def test_answer_failures_are_dropped():
@@ -140,7 +145,7 @@ def test_answer_failures_are_dropped():
     def fn(req, p):
         return f"Question number {p['seed']} about tides?" if isinstance(req, str) else next(answers)
     m = Magpie(MagpieConfig(pre_query=PRE_QUERY, requests_per_step=3), context({"generator": FnLLM(fn)}))
-    assert next(m())["drop_reason"].to_list() == ["generation_error", "truncated", "empty_response"]
+    assert first(m)["drop_reason"].to_list() == ["generation_error", "truncated", "empty_response"]
 
 
 def test_answer_role_is_configurable():
@@ -148,8 +153,9 @@ def test_answer_role_is_configurable():
     gen = FnLLM(lambda r, p: f"Tell me about river number {p['seed']} please.", "gen")
     m = Magpie(MagpieConfig(pre_query=PRE_QUERY, requests_per_step=2, answer_role="answerer"),
                context({"generator": gen, "answerer": ans}))
-    b = next(m())
-    assert b["model"].to_list() == ["ans", "ans"] and len(ans.sent) == 2 and len(gen.sent) == 2
+    b = first(m)
+    assert b["model"].to_list() == ["ans", "ans"] and len(ans.sent) == 2
+    assert all(isinstance(r, str) for r, _ in gen.sent)          # the generator only wrote instructions
 
 
 def test_every_request_failing_raises_one_clear_line():
@@ -157,7 +163,7 @@ def test_every_request_failing_raises_one_clear_line():
     m = Magpie(MagpieConfig(pre_query=PRE_QUERY, requests_per_step=3),
                context({"generator": FnLLM(lambda r, p: Completion("", "error", error=err))}))
     with pytest.raises(MagpieError) as e:
-        next(m())
+        first(m)
     msg = str(e.value)
     assert "\n" not in msg and "all 3 instruction requests failed" in msg and "/v1/completions" in msg
 
@@ -185,7 +191,7 @@ def test_openai_server_without_completions_endpoint():
         llm = OpenAILLM("m", base_url=f"http://127.0.0.1:{server.server_port}/v1", max_retries=0)
         m = Magpie(MagpieConfig(pre_query=PRE_QUERY, requests_per_step=2), context({"generator": llm}))
         with pytest.raises(MagpieError, match=r"lacks /v1/completions.*transformers/vllm backend"):
-            next(m())
+            first(m)
     finally:
         server.shutdown()
 
@@ -271,7 +277,7 @@ def test_magpie_on_the_embedded_model(embedded_llm):
     m = Magpie(cfg, context({"generator": embedded_llm}))
     assert m.prefix == SMOL_DEFAULT + "<|im_start|>user\n" and m.end_of_turn == "<|im_end|>"
     before = embedded_llm.stats.requests
-    batch = next(m())
+    batch = first(m)
     assert batch.height == 2 and (batch["method"] == "magpie").all()
     # The model, shown only the start of a user turn, wrote user text: no template tokens leak.
     assert any(len(t.split()) >= 2 for t in batch["instruction"])

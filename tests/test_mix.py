@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-from scripted_llm import PRE_QUERY, ScriptedLLM, context
+from scripted_llm import PRE_QUERY, Batches, ScriptedLLM, context
 
 from synthloop.generator.config import ConfigError, parse_config
 from synthloop.generator.registry import build
@@ -25,7 +25,9 @@ def _methods(batches):
 
 def test_weights_set_the_turn_order_and_stopped_parts_drop_out():
     mix = _mix(sources=[SI, {**MAGPIE, "max_steps": 2}], weights=[2, 1])
-    got = _methods(b for _, b in zip(range(9), mix()))
+    batches = Batches(mix)
+    got = _methods(b for _, b in zip(range(9), batches))
+    batches.close()
     # Two self-instruct batches, one Magpie batch; after Magpie's two steps only self-instruct runs.
     assert got == ["self_instruct", "self_instruct", "magpie"] * 2 + ["self_instruct"] * 3
     assert mix.stopped == [False, True]
@@ -39,7 +41,7 @@ def test_parts_count_their_drops_under_the_mix_name():
 
 def test_state_round_trip_continues_with_the_same_part_and_step():
     a = _mix(sources=[SI, MAGPIE], weights=[1, 2])
-    stream = a()
+    stream = Batches(a)
     first = [next(stream) for _ in range(4)]
     state = a.state()
     assert state["pos"] == 1 and [p["step"] for p in state["parts"]] == [2, 2]
@@ -50,7 +52,10 @@ def test_state_round_trip_continues_with_the_same_part_and_step():
         rejects = passed = kept
     b = _mix(sources=[SI, MAGPIE], weights=[1, 2])
     b.restore(state, Nothing())
-    nxt_a, nxt_b = next(stream), next(b())
+    stream_b = Batches(b)
+    nxt_a, nxt_b = next(stream), next(stream_b)
+    stream.close()
+    stream_b.close()
     assert _methods([nxt_a, nxt_b]) == ["magpie", "magpie"]
     assert nxt_a["instruction"].to_list() == nxt_b["instruction"].to_list()
     assert _methods(first) == ["self_instruct", "magpie", "magpie", "self_instruct"]
@@ -58,7 +63,7 @@ def test_state_round_trip_continues_with_the_same_part_and_step():
 
 def test_every_part_stopping_ends_the_source():
     mix = _mix(sources=[{**SI, "max_steps": 1}, {**MAGPIE, "max_steps": 1}])
-    assert _methods(list(mix())) == ["self_instruct", "magpie"]
+    assert _methods(list(Batches(mix))) == ["self_instruct", "magpie"]
 
 
 @pytest.mark.parametrize("table, match", [

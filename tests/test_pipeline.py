@@ -142,19 +142,37 @@ def test_raising_the_limit_continues_the_run(tmp_path):
 
 
 def test_step_wise_sources_stop_at_max_steps_or_after_patience_idle_steps(capsys):
+    from scripted_llm import Batches
     from synthloop.generator.schema import make_batch
     from synthloop.generator.stages import run_steps
 
     class Source:                      # keeps a row on steps listed in `keeps`, nothing otherwise
-        def __init__(self, keeps):
-            self.step, self.keeps = 0, keeps
+        def __init__(self, keeps, ahead=1):
+            self.step, self.keeps, self.ahead, self.launched = 0, keeps, ahead, []
 
-        def _one_step(self):
+        def __call__(self):
+            return run_steps(self, "demo", max_steps=self.max_steps, patience=2, ahead=self.ahead)
+
+        async def _answer(self, step):
+            return step
+
+        def launch(self, step):
+            # never more than `ahead` steps past the last finished one
+            assert step < self.step + self.ahead
+            self.launched.append(step)
+            return self._answer(step)
+
+        async def finish(self, step, answer):
+            assert step == answer == self.step          # in step order
             self.step += 1
             return make_batch([{"instruction": "Task number one here.",
                                 "drop_reason": None if self.step in self.keeps else "too_similar"}])
-    src = Source(keeps={1, 4})
-    assert len(list(run_steps(src, "demo", max_steps=0, patience=2))) == 3      # 1 kept, 2 and 3 idle
-    assert "demo: no new instruction in 2 steps" in capsys.readouterr().err
-    src = Source(keeps=set(range(1, 100)))
-    assert len(list(run_steps(src, "demo", max_steps=5, patience=2))) == 5 and src.step == 5
+    for ahead in (1, 3):
+        src = Source(keeps={1, 4}, ahead=ahead)
+        src.max_steps = 0
+        assert len(list(Batches(src))) == 3      # 1 kept, 2 and 3 idle
+        assert "demo: no new instruction in 2 steps" in capsys.readouterr().err
+        assert src.launched == list(range(3 + ahead))        # the next steps launched, then cancelled
+        src = Source(keeps=set(range(1, 100)), ahead=ahead)
+        src.max_steps = 5
+        assert len(list(Batches(src))) == 5 and src.step == 5 and src.launched == list(range(5))

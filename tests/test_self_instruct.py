@@ -52,4 +52,4 @@ def test_in_context_examples_do_not_depend_on_pool_order():
     a, b = SelfInstruct(SelfInstructConfig(), ctx), SelfInstruct(SelfInstructConfig(), ctx)
     pool = [f"Machine task number {i} about rivers." for i in range(20)]
     a.machine, b.machine = list(pool), list(reversed(pool))
-    assert a._examples(random.Random(7)) == b._examples(random.Random(7))
+    assert a._examples(random.Random(7), a._pool(3)) == b._examples(random.Random(7), b._pool(3))
