@@ -93,7 +93,8 @@ def render_card(run_dir: str | Path) -> str:
             [[s["name"], s["in"], s["created"], s["kept"], s["dropped_total"],
               ", ".join(f"{k}: {v}" for k, v in s.get("dropped", {}).items())] for s in stages])
 
-    scored = [(f.name, kept["scores"].struct.field(f.name).drop_nulls()) for f in SCORES.fields] if kept.height else []
+    scored = [(f.name, kept["scores"].struct.field(f.name).drop_nulls().cast(pl.Float64))   # booleans as 0/1
+              for f in SCORES.fields] if kept.height else []
     scored = [(n, s) for n, s in scored if s.len()]
     if scored:
         lines += ["## Scores (kept records)", ""] + _md_table(

@@ -127,7 +127,8 @@ def plot_scores(runs: list[RunData], fields: list[str], path: Path) -> Path | No
     for i, name in enumerate(fields):
         ax = fig.add_subplot(len(fields), 1, i + 1)
         for label, frames, color in (("kept", [r.kept for r in runs], KEPT), ("dropped", [r.rejects for r in runs], DROPPED)):
-            vals = [v for df in frames if df.height for v in df["scores"].struct.field(name).drop_nulls().to_list()]
+            vals = [float(v) for df in frames if df.height     # booleans (verified_all) as 0/1
+                    for v in df["scores"].struct.field(name).drop_nulls().to_list()]
             if vals:
                 ax.hist(vals, bins=30, alpha=0.6, color=color, label=f"{label} (n={len(vals)})")
         ax.set_title(f"scores.{name}", fontsize=10)
