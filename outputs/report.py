@@ -218,7 +218,7 @@ def plot_benchmark(rounds: list[dict], base: dict | None, path: Path) -> Path | 
         return None
     fig = _figure(8, 3.5)
     ax = fig.add_subplot(1, 1, 1)
-    for key, color, label in (("prompt_loose", KEPT, "prompt-level"), ("instruction_loose", "tab:blue", "instruction-level")):
+    for key, color, label in (("prompt_loose", KEPT, "prompt-level"), ("instruction_loose", DROPPED, "instruction-level")):
         ax.plot([n for n, _ in pts], [b[key] for _, b in pts], marker="o", color=color, label=f"{label} (loose)")
         if base and base.get(key) is not None:
             ax.axhline(base[key], linestyle="--", color=color, alpha=0.6, label=f"base model, {label}")
