@@ -103,6 +103,17 @@ class Committer:
     def done(self) -> bool:
         return bool(self.limit) and self.store.kept_rows >= self.limit
 
+    def limit_in_sight(self, finished: list[Unit], running: int) -> bool:
+        """Whether the batches already through the stages (`finished`, not applied yet) and
+        `running` more, at the rate of live rows per batch so far, would reach the limit: more in
+        flight would be work past the limit, thrown away when the run stops."""
+        batches = self.next_id + len(finished)
+        if not self.limit or not batches:
+            return False
+        ahead = sum(u.frame.height for u in finished)
+        rate = (self.counts[-1].kept + ahead) / batches
+        return self.store.kept_rows + ahead + running * rate >= self.limit
+
     def apply(self, unit: Unit) -> None:
         if unit.id != self.next_id:
             raise RuntimeError(f"batch {unit.id} reached the commit point before batch {self.next_id}")

@@ -12,7 +12,8 @@ writes the same run directory for the same config and request cache.
   admitted batch runs through the stages in its own task, unordered stages working on many
   batches at once and ordered stages taking them one at a time in id order; the commit point
   takes batches in id order as they complete. Synchronous stages run in worker threads, so
-  Python work overlaps the engine's.
+  Python work overlaps the engine's. Near the limit it admits only as many batches as the rate
+  of kept rows per batch says are still needed.
 
 Speculation: batches admitted early and source steps launched ahead are work a run may not need
 (it stops at its limit). A first run pays a little for that; a rerun over a warm request cache
@@ -167,7 +168,8 @@ class PipelinedExecutor:
             try:
                 while True:
                     while (state["alive"] >= self.max_batches or self.in_flight() >= self.budget
-                           or (state["alive"] and not self.speculate())):
+                           or (state["alive"] and not self.speculate())
+                           or commit.limit_in_sight(list(finished.values()), state["alive"] - len(finished))):
                         # Requests finish without a stage finishing (stages make several calls):
                         # look again every 50 ms as well.
                         await moved.wait(0.05)

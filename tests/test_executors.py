@@ -340,3 +340,16 @@ def test_self_instruct_with_steps_in_flight_draws_from_a_stale_pool_and_stays_no
             assert index.is_novel(t)
             index.add(t)
     assert sum(map(len, kept_by_step)) > 20
+
+
+def test_engine_efficiency_bench_replays_what_the_run_sent(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("engine_efficiency", TESTS.parent / "bench" / "engine_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    backends: list = []
+    r = bench.measure(mixed(tmp_path, limit=20), scripted_factory(backends, latency=0.01), show_progress=False)
+    # Every answered request was recorded once and replayed once, on the run's own backends.
+    answered = sum(b.stats.requests for b in backends)
+    assert r["records"] >= 20 and answered == 2 * r["requests"] and r["requests"] > 50
+    assert r["pipeline_llm_s"] > 0 and r["replay_s"] > 0 and r["ratio"] == r["replay_s"] / r["pipeline_llm_s"]
