@@ -37,6 +37,9 @@ class RunStore:
         self.rows_per_shard = rows_per_shard
         self.manifest: dict = {}
         self._ids: set[str] = set()
+        # True from the start of a commit until it completed. A commit cut short (Ctrl-C inside
+        # it) leaves it True: its shard series moved on without a manifest, so nothing may
+        # commit on top of it; the previous commit stands and a rerun removes the strays.
         self.committing = False
 
     # -- opening and resuming ---------------------------------------------------------------
@@ -124,10 +127,8 @@ class RunStore:
         """Persist everything added so far; the manifest rename is the commit point. `batches`
         is the watermark: how many source batches the committed rows and state cover."""
         self.committing = True
-        try:
-            self._commit(stages=stages, state=state, llm=llm, batches=batches, complete=complete, final=final)
-        finally:
-            self.committing = False
+        self._commit(stages=stages, state=state, llm=llm, batches=batches, complete=complete, final=final)
+        self.committing = False
 
     def _commit(self, *, stages, state, llm, batches, complete, final) -> None:
         m = self.manifest

@@ -180,6 +180,7 @@ def test_failing_requests_in_flight_become_counted_row_errors(tmp_path):
 
 
 RUN_SCRIPT = textwrap.dedent("""
+    import signal
     import sys
     sys.path.insert(0, sys.argv[1])
     import scripted_llm
@@ -200,7 +201,13 @@ RUN_SCRIPT = textwrap.dedent("""
 
     def factory(spec, cache=None):
         return scripted_llm.CachedLLM(Tracked(name=f"scripted:{spec.model}", latency=0.3), cache, "scripted")
-    execute(load_config(sys.argv[2]), out=sys.argv[3], show_progress=False, backend_factory=factory)
+
+    from synthloop.generator.cli import _terminate
+    signal.signal(signal.SIGTERM, _terminate)     # as `synthloop run` does: SIGTERM commits like Ctrl-C
+    try:
+        execute(load_config(sys.argv[2]), out=sys.argv[3], show_progress=False, backend_factory=factory)
+    except KeyboardInterrupt:
+        sys.exit(130)
 """)
 
 
@@ -218,25 +225,34 @@ def _commits(out: Path) -> int:
         return 0
 
 
-def test_sigkill_with_many_requests_in_flight_resumes_to_identical_shards(tmp_path):
+def _start_and_signal(cfg: Path, out: Path, gauge: Path, script: Path, sig: int) -> int:
+    """Start (or resume) a scripted run; once it has made a commit of its own and has many
+    requests in flight, send `sig`; return the exit code."""
+    gauge.unlink(missing_ok=True)
+    after = _commits(out) + 1
+    p = subprocess.Popen([sys.executable, str(script), str(TESTS), str(cfg), str(out), str(gauge)],
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while (_commits(out) < after or _gauge(gauge) < 10) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        p.send_signal(sig)
+        return p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def _scripted_run_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     cfg = tmp_path / "mixed.toml"
-    cfg.write_text(mixed(tmp_path, limit=80).text.replace('type = "probe"', 'type = "heuristics"\nname = "h0"'))
-    script, out, gauge = tmp_path / "run.py", tmp_path / "killed", tmp_path / "in_flight"
+    cfg.write_text(mixed(tmp_path, limit=150).text.replace('type = "probe"', 'type = "heuristics"\nname = "h0"'))
+    script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
-    for kill_after in (1, 3):
-        p = subprocess.Popen([sys.executable, str(script), str(TESTS), str(cfg), str(out), str(gauge)],
-                             stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        try:
-            # After a commit, the moment many requests are outstanding.
-            while (_commits(out) < kill_after or _gauge(gauge) < 10) and p.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            assert p.poll() is None, p.stderr.read()[-2000:]
-            p.send_signal(signal.SIGKILL)
-            assert p.wait() == -signal.SIGKILL
-        finally:
-            if p.poll() is None:
-                p.kill()
+    return cfg, script, tmp_path / "in_flight"
+
+
+def _finish_and_compare(tmp_path: Path, cfg: Path, out: Path) -> None:
     m = execute(parse_config(cfg.read_text(), path=str(cfg)), out=out, show_progress=False,
                 backend_factory=scripted_factory(latency=0.02))
     clean = execute(parse_config(cfg.read_text(), path=str(cfg)), out=tmp_path / "clean", show_progress=False,
@@ -244,6 +260,63 @@ def test_sigkill_with_many_requests_in_flight_resumes_to_identical_shards(tmp_pa
     assert m["complete"] and not count_problems(m)
     assert files(out) == files(tmp_path / "clean")
     assert m["stages"] == clean["stages"] and m["state"] == clean["state"]
+
+
+def test_sigkill_with_many_requests_in_flight_resumes_to_identical_shards(tmp_path):
+    cfg, script, gauge = _scripted_run_files(tmp_path)
+    out = tmp_path / "killed"
+    for _ in range(2):
+        assert _start_and_signal(cfg, out, gauge, script, signal.SIGKILL) == -signal.SIGKILL
+    _finish_and_compare(tmp_path, cfg, out)
+
+
+def test_sigterm_anywhere_leaves_a_consistent_run_that_resumes_identically(tmp_path):
+    """SIGTERM lands at a random instant (inside a commit, too); whatever it interrupted, the
+    manifest adds up and the resumed run equals a clean one."""
+    cfg, script, gauge = _scripted_run_files(tmp_path)
+    out = tmp_path / "stopped"
+    assert _start_and_signal(cfg, out, gauge, script, signal.SIGTERM) == 130
+    m = json.loads((out / "manifest.json").read_text())
+    assert not m["complete"] and not count_problems(m)
+    _finish_and_compare(tmp_path, cfg, out)
+
+
+@dataclass
+class InterruptConfig:
+    at: int = 0
+
+
+class Interrupt:
+    """Ctrl-C arriving while batch `at` is in this stage."""
+
+    ordered = False
+
+    def __init__(self, at: int):
+        self.at = at
+
+    async def process(self, batch, batch_id):
+        if batch_id == self.at:
+            raise KeyboardInterrupt
+        return batch
+
+
+@register("stage", "interrupt", InterruptConfig)
+def _build_interrupt(cfg, ctx):
+    return Interrupt(cfg.at)
+
+
+@pytest.mark.parametrize("executor", ["sequential", "pipelined"])
+def test_ctrl_c_commits_the_batches_already_applied(tmp_path, executor):
+    text = mixed(tmp_path, limit=80).text.replace("shard_rows = 9", "shard_rows = 1000")   # no commit before the end
+    stopped = parse_config(text.replace('type = "probe"', 'type = "interrupt"\nat = 4'), path="m.toml")
+    with pytest.raises(KeyboardInterrupt):
+        execute(stopped, out=tmp_path / "run", show_progress=False, backend_factory=scripted_factory(latency=0.01),
+                executor=executor)
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())   # written by the interrupt
+    assert m["commits"] == 1 and not count_problems(m) and not m["complete"]
+    # Sequentially batches 0-3 were applied; pipelined, those that had reached the commit point.
+    assert m["batches"] == 4 if executor == "sequential" else m["batches"] <= 4
+    assert m["pending_rows"]["kept"] == m["stages"][-1]["kept"]
 
 
 SEEDS_ONLY = """
