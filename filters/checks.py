@@ -41,11 +41,6 @@ def _ifeval() -> tuple[dict, dict, Callable[[str], list[str]]]:
     from if_verifiable.ifeval import instructions_util as util
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_CONFLICTS, INSTRUCTION_DICT
 
-    import langdetect
-
-    # langdetect samples internally: without a fixed seed the same text can flip between languages,
-    # and the case checkers (which require English) would give different verdicts run to run.
-    langdetect.DetectorFactory.seed = 0
     try:
         util._get_sentence_tokenizer()
         util.nltk.word_tokenize("Probe.")
@@ -143,6 +138,12 @@ def parse_kwargs(kwargs: str | Mapping | None) -> dict:
 
 
 def _builder(cid: str, kwargs: dict, prompt: str) -> Callable[[str], bool]:
+    from langdetect import DetectorFactory
+
+    # langdetect samples internally: without a fixed seed the same text can flip between languages,
+    # and the case checkers (which require English) would give different verdicts run to run. Set
+    # on every check, not once: anything else in the process may reset it.
+    DetectorFactory.seed = 0
     if cid in _CUSTOM:
         fn = _CUSTOM[cid]
         return lambda text: bool(fn(text, **kwargs))

@@ -49,12 +49,8 @@ def has_banana(response: str, **kwargs) -> bool:
 
 @pytest.fixture(autouse=True)
 def clean_custom_checks(monkeypatch):
-    """Custom checks are process-wide: keep ours from leaking into other tests. english_lowercase
-    asks langdetect, which draws a random seed per call unless one is set: pin it."""
-    from langdetect import DetectorFactory
-
+    """Custom checks are process-wide: keep ours from leaking into other tests."""
     monkeypatch.setattr(checks, "_CUSTOM", dict(checks._CUSTOM))
-    monkeypatch.setattr(DetectorFactory, "seed", 0)
 
 
 @pytest.fixture

@@ -119,3 +119,18 @@ def test_loose_verification_forgives_a_preamble_line():
     assert kept["drop_reason"].to_list() == [None]
     st, _ = _stage(lambda r, p: "Sure! Here:\na ripe apple is sweet", n=1)
     assert st.sample(_rows()[1:2])["drop_reason"].to_list() == ["no_passing_sample"]
+
+
+def test_verdicts_stay_deterministic_when_someone_resets_langdetect():
+    from langdetect import DetectorFactory
+
+    from synthloop.filters import checks
+
+    # langdetect's unseeded answer for this text varies between en, so, cy and tl.
+    text = "a tiny dog named max"
+    first = checks.check_one(text, "change_case:english_lowercase", {})
+    DetectorFactory.seed = None            # another library (or a test) resets it
+    try:
+        assert all(checks.check_one(text, "change_case:english_lowercase", {}) == first for _ in range(40))
+    finally:
+        DetectorFactory.seed = 0
