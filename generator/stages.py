@@ -28,11 +28,14 @@ import copy
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 import polars as pl
 
-Batches = AsyncIterator[pl.DataFrame]
+#: What a source yields.
+AsyncBatches = AsyncIterator[pl.DataFrame]
+#: The batches of a stage written as an iterator (`IteratorStage`).
+Batches = Iterator[pl.DataFrame]
 
 
 class ContractError(RuntimeError):
@@ -180,7 +183,7 @@ class Tally:
 
 
 async def run_steps(source: Any, label: str, *, max_steps: int, patience: int, ahead: int = 1,
-                    speculate: Callable[[], bool] = lambda: True) -> Batches:
+                    speculate: Callable[[], bool] = lambda: True) -> AsyncBatches:
     """Batches of a step-wise source (self-instruct, Magpie) until `max_steps` steps are done
     (0: no bound) or `patience` steps in a row kept nothing.
 
