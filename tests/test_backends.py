@@ -194,3 +194,80 @@ def test_openai_dead_server_gives_counted_errors_not_exceptions():
     out = llm.generate([[{"role": "user", "content": "hi"}]] * 3, {"max_tokens": 4})
     assert [c.finish_reason for c in out] == ["error"] * 3 and llm.stats.errors == 3
     assert "ConnectError" in out[0].error
+
+
+class _FakeAsyncLLM:
+    """Stands in for vLLM's AsyncLLM (no model): answers "<prompt> ok" after 20 ms, refuses prompts
+    containing "too long", and records which requests were aborted."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.model_config = SimpleNamespace(is_encoder_decoder=False)
+        self.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
+        self.renderer = SimpleNamespace(render_cmpl=lambda prompts: [{"type": "token", **p} for p in prompts])
+        self.aborted, self.live, self.peak, self.down = [], 0, 0, False
+
+    def get_tokenizer(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(apply_chat_template=lambda msgs, **kw: "chat: " + msgs[-1]["content"])
+
+    async def generate(self, prompt, sp, request_id, lora_request=None):
+        import asyncio
+        from types import SimpleNamespace
+        if "too long" in prompt["prompt"]:
+            raise ValueError("prompt is longer than max_model_len")
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        try:
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)
+            raise
+        finally:
+            self.live -= 1
+        out = SimpleNamespace(text=prompt["prompt"] + " ok", finish_reason="stop", token_ids=[1, 2])
+        yield SimpleNamespace(outputs=[out], prompt_token_ids=[1, 2, 3])
+
+    async def reset_prefix_cache(self):
+        return True
+
+    def shutdown(self):
+        self.down = True
+
+
+def test_vllm_backend_drives_the_async_engine_from_any_thread_or_loop(monkeypatch, tmp_path):
+    """The AsyncLLM plumbing without a model: sync and async calls, concurrent calls in one
+    running batch, a refused request as a row error, cancellation aborting requests, shutdown."""
+    import asyncio
+    pytest.importorskip("vllm")
+    from synthloop.generator.llm import vllm_backend
+
+    fake = _FakeAsyncLLM()
+
+    async def start(args):
+        return fake
+    monkeypatch.setattr(vllm_backend, "_start", start)
+    llm = vllm_backend.VLLMLLM(str(tmp_path))            # no model is loaded
+    try:
+        out = llm.generate([CHAT, "raw", "too long"], {"max_tokens": 4, "seed": 1})
+        assert [c.text for c in out[:2]] == ["chat: " + CHAT[0]["content"] + " ok", "raw ok"]
+        assert out[2].finish_reason == "error" and "max_model_len" in out[2].error
+        assert (llm.stats.requests, llm.stats.errors, llm.stats.completion_tokens) == (3, 1, 4)
+
+        async def concurrent():
+            return await asyncio.gather(*(llm.agenerate([f"r{i}"] * 5, {"max_tokens": 4}) for i in range(4)))
+        assert all(c.text.endswith(" ok") for call in asyncio.run(concurrent()) for c in call)
+        assert fake.peak == 20 and llm.in_flight == 0        # four calls, one running batch
+
+        async def cancelled():
+            task = asyncio.ensure_future(llm.agenerate(["slow"] * 3, {"max_tokens": 4}))
+            await asyncio.sleep(0.005)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(0.05)
+        asyncio.run(cancelled())
+        assert len(fake.aborted) == 3 and llm.in_flight == 0
+        llm.reset_prefix_cache()
+    finally:
+        llm.close()
+    assert fake.down and not llm._thread.is_alive()
