@@ -133,7 +133,8 @@ class RejectionSampling:
         params = [dict(self.cfg.sampling, seed=sample_seed(self.ctx.seed, self.name, self.ctx.round, rows[i]["id"], j))
                   for i in todo for j in range(n)]
         done = self.llm.generate([self._chat(rows[i]) for i in todo for _ in range(n)], params)
-        out = [r for i, r in enumerate(rows) if i not in set(todo)]
+        live = set(todo)
+        out = [r for i, r in enumerate(rows) if i not in live]
         for k, i in enumerate(todo):
             out += self._resolve(rows[i], [self._judge(rows[i], c) for c in done[k * n:(k + 1) * n]])
         return make_batch(out)

@@ -34,6 +34,8 @@ from synthloop.outputs.shards import write_parquet_atomic
 
 FORMATS = ("sft", "dpo", "alpaca", "sharegpt")
 CHAT = pl.List(MESSAGE)
+PAIRS = pl.Schema({"id": pl.String, "prompt": CHAT, "chosen": CHAT, "rejected": CHAT,
+                   "chosen_verified": pl.Float64, "rejected_verified": pl.Float64})
 
 
 def _kept(run_dir: Path) -> pl.DataFrame:
@@ -57,15 +59,13 @@ def preference_pairs(run_dir: str | Path) -> pl.DataFrame:
         frames.append(kept.join(rej.select("id", pl.col("response").alias("rej"), "v"), on="id", how="inner"))
     joined = pl.concat(frames, how="vertical") if frames else pl.DataFrame()
     if joined.is_empty():
-        return pl.DataFrame(schema={"id": pl.String, "prompt": CHAT, "chosen": CHAT, "rejected": CHAT,
-                                    "chosen_verified": pl.Float64, "rejected_verified": pl.Float64})
+        return pl.DataFrame(schema=PAIRS)
     rows = [{"id": r["id"], "prompt": r["messages"][:1],
              "chosen": [{"role": "assistant", "content": r["response"]}],
              "rejected": [{"role": "assistant", "content": r["rej"]}],
              "chosen_verified": r["scores"]["verified"], "rejected_verified": r["v"]}
             for r in joined.iter_rows(named=True)]
-    return pl.DataFrame(rows, schema={"id": pl.String, "prompt": CHAT, "chosen": CHAT, "rejected": CHAT,
-                                      "chosen_verified": pl.Float64, "rejected_verified": pl.Float64})
+    return pl.DataFrame(rows, schema=PAIRS)
 
 
 def _write_json(items: list, path: Path) -> None:

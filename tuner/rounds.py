@@ -143,11 +143,10 @@ def _hard_by_pass_rate(run_dir: Path, k: int, seeds_out: Path, original: str) ->
     never-passed tasks first), then the original seeds, as a seed Parquet file in our schema, so each
     hard task comes back with its constraints, and first: a round stopped by `limit` still retries
     them. Returns how many hard examples it holds."""
+    from synthloop.generator.schema import SCHEMA
     from synthloop.outputs.run_reader import read_rejects
     from synthloop.outputs.shards import write_parquet_atomic
     from synthloop.seeds.loaders import load_seeds
-
-    from synthloop.generator.schema import SCHEMA
 
     rate = pl.col("scores").struct.field("pass_rate")
     tried = pl.concat([read_kept(run_dir), read_rejects(run_dir).filter(pl.col("drop_reason") == "no_passing_sample")
