@@ -45,7 +45,7 @@ class Recorder:
         return self.inner.default_in_flight
 
     def _keep(self, requests, params, done, t0) -> None:
-        from synthloop.generator.llm.base import per_request
+        from synthloop.core.llm.base import per_request
 
         self.first = t0 if self.first is None else min(self.first, t0)
         self.last = time.perf_counter()
@@ -81,7 +81,7 @@ def forced(params: dict, tokens: int) -> dict:
 
 def measure(cfg, backend_factory, *, executor: str | None = None, show_progress: bool = True) -> dict:
     """Run `cfg` (cache off) on recorded backends, then replay each backend's requests in one call."""
-    from synthloop.generator.runner import execute
+    from synthloop.engine.runner import execute
 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, cache="off"))
     recorders: list[Recorder] = []
@@ -122,8 +122,8 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, help="override [run] in_flight")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     args = ap.parse_args()
-    from synthloop.generator.config import load_config
-    from synthloop.generator.llm import open_llm
+    from synthloop.core.config import load_config
+    from synthloop.core.llm import open_llm
 
     cfg = load_config(args.config)
     bad = sorted({s.backend for s in cfg.llm.values()} - {"vllm", "openai"})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _adapter(tmp: Path) -> str:
-    from synthloop.generator.schema import make_batch
+    from synthloop.core.schema import make_batch
     from synthloop.tuner.heldout import load_heldout
     from synthloop.tuner.sft import TrainConfig, train
 
@@ -32,7 +32,7 @@ def _adapter(tmp: Path) -> str:
 
 def _throughput(options: dict, n: int, max_tokens: int) -> tuple[float, float]:
     """(seconds to open the engine, completion tokens/s of one batch)."""
-    from synthloop.generator.llm import BackendSpec, open_llm
+    from synthloop.core.llm import BackendSpec, open_llm
 
     t0 = time.time()
     llm = open_llm(BackendSpec(backend="vllm", model="embedded",
@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter or _adapter(Path(tmp))
-        from synthloop.generator.models import merged_model
+        from synthloop.core.models import merged_model
         t0 = time.time()
         merged_model("embedded", adapter)        # into the cache the backend reads next
         merge_s = time.time() - t0

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synthloop.filters.scoring import RatingStats, rate, set_scores, spread, to_score, user_text
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.registry import scorer
+from synthloop.core.stages import drop_where
 
 COMPLEXITY = """How complex is the following instruction? Rate it from 1 to 6.
 
@@ -121,7 +121,6 @@ class DeitaScorer:
         return out
 
 
-@register("stage", "deita", DeitaConfig)
-def build(cfg: DeitaConfig, ctx) -> object:
-    scorer = DeitaScorer(ctx.llm("judge"), cfg)
-    return per_batch("deita", scorer, owner=scorer)
+@scorer("deita", DeitaConfig)
+def build(cfg: DeitaConfig, llm) -> DeitaScorer:
+    return DeitaScorer(llm("judge"), cfg)

@@ -34,8 +34,8 @@ import polars as pl
 
 from synthloop.filters.normalize import joined_text
 from synthloop.filters.preload import PreloadedIndex
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.registry import register
+from synthloop.core.stages import drop_where, per_batch
 
 REASON = "semantic_duplicate"
 _EPS = 1e-6   # float32 dot products of equal unit vectors land within ~1e-7 of 1.0
@@ -197,7 +197,7 @@ class SemanticConfig:
 class SemanticDedup(PreloadedIndex):
     """Streaming embedding dedup; drops get drop_reason "semantic_duplicate".
 
-    >>> from synthloop.generator.schema import make_batch
+    >>> from synthloop.core.schema import make_batch
     >>> dd = SemanticDedup(SemanticConfig(text_columns=["instruction"]))
     >>> b = make_batch([{"instruction": "Name a colour."}, {"instruction": "Name a color."}])
     >>> dd.mark(b)["drop_reason"].to_list()
@@ -274,7 +274,7 @@ def _quality(df: pl.DataFrame) -> np.ndarray | None:
     return df["scores"].struct.field("quality").cast(pl.Float64).fill_null(np.nan).to_numpy()
 
 
-@register("stage", "semantic_dedup", SemanticConfig)
+@register("stage", "semantic_dedup", SemanticConfig, tags=("dedup",))
 def build(cfg: SemanticConfig, ctx) -> object:
     dd = SemanticDedup(cfg)
     return per_batch("semantic_dedup", dd.mark, owner=dd)

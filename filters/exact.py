@@ -21,8 +21,8 @@ import polars as pl
 from synthloop.filters.hashtable import U64Set
 from synthloop.filters.normalize import exact_keys
 from synthloop.filters.preload import PreloadedIndex
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.registry import register
+from synthloop.core.stages import drop_where, per_batch
 
 REASON = "exact_duplicate"
 
@@ -36,7 +36,7 @@ class ExactConfig:
 class ExactDedup(PreloadedIndex):
     """Keep the first row of every group of rows whose normalised text columns are equal.
 
-    >>> from synthloop.generator.schema import make_batch
+    >>> from synthloop.core.schema import make_batch
     >>> dd = ExactDedup(ExactConfig(text_columns=["instruction"]))
     >>> b = make_batch([{"instruction": "Name a colour."}, {"instruction": "name a  colour"}])
     >>> dd.mark(b)["drop_reason"].to_list()
@@ -76,7 +76,7 @@ class ExactDedup(PreloadedIndex):
 
 
 
-@register("stage", "exact_dedup", ExactConfig)
+@register("stage", "exact_dedup", ExactConfig, tags=("dedup",))
 def build(cfg: ExactConfig, ctx) -> object:
     dd = ExactDedup(cfg)
     return per_batch("exact_dedup", dd.mark, owner=dd)

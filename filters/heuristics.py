@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.registry import scorer
+from synthloop.core.stages import drop_where
 
 REASONS = ("empty", "truncated", "refusal", "echo", "too_short", "too_long",
            "junk_symbols", "char_run", "ngram_loop")
@@ -167,7 +167,7 @@ def checks(cfg: HeuristicsConfig) -> list[tuple[str, pl.Expr]]:
 def apply_heuristics(batch: pl.DataFrame, cfg: HeuristicsConfig | None = None) -> pl.DataFrame:
     """Set ``drop_reason`` on rows that fail a heuristic; rows already rejected keep their reason.
 
-    >>> from synthloop.generator.schema import make_batch
+    >>> from synthloop.core.schema import make_batch
     >>> b = make_batch([{"instruction": "Say hi.", "response": "I'm sorry, but I can't."}])
     >>> apply_heuristics(b)["drop_reason"].to_list()
     ['refusal']
@@ -183,6 +183,6 @@ def apply_heuristics(batch: pl.DataFrame, cfg: HeuristicsConfig | None = None) -
     return out
 
 
-@register("stage", "heuristics", HeuristicsConfig)
-def build(cfg: HeuristicsConfig, ctx) -> object:
-    return per_batch("heuristics", lambda b: apply_heuristics(b, cfg))
+@scorer("heuristics", HeuristicsConfig)
+def build(cfg: HeuristicsConfig, llm):
+    return lambda b: apply_heuristics(b, cfg)

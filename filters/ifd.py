@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from synthloop.filters.scoring import set_scores, spread, to_score, user_text
-from synthloop.generator.models import resolve_model
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.models import resolve_model
+from synthloop.core.registry import scorer
+from synthloop.core.stages import drop_where
 
 
 @dataclass
@@ -150,7 +150,6 @@ class IFDScorer:
         self.model = None
 
 
-@register("stage", "ifd", IFDConfig)
-def build(cfg: IFDConfig, ctx) -> object:
-    scorer = IFDScorer(cfg)
-    return per_batch("ifd", scorer, owner=scorer)
+@scorer("ifd", IFDConfig)
+def build(cfg: IFDConfig, llm) -> IFDScorer:
+    return IFDScorer(cfg)

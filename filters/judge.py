@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synthloop.filters.scoring import RatingStats, rate, set_scores, spread, to_score, user_text
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.registry import scorer
+from synthloop.core.stages import drop_where
 
 SYSTEM = "You are a strict, fair grader of answers written by AI assistants."
 
@@ -102,7 +102,6 @@ class JudgeScorer:
         return out
 
 
-@register("stage", "judge", JudgeConfig)
-def build(cfg: JudgeConfig, ctx) -> object:
-    scorer = JudgeScorer(ctx.llm("judge"), cfg)
-    return per_batch("judge", scorer, owner=scorer)
+@scorer("judge", JudgeConfig)
+def build(cfg: JudgeConfig, llm) -> JudgeScorer:
+    return JudgeScorer(llm("judge"), cfg)

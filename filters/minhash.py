@@ -32,8 +32,8 @@ from synthloop.filters.lsh import LSHIndex, optimal_bands_rows
 from synthloop.filters.preload import PreloadedIndex
 from synthloop.filters.normalize import (char_tokens, fmix64, joined_text, n_shingles,
                                          shingle_hash, shingle_sets, utf8_buffer, word_tokens)
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.registry import register
+from synthloop.core.stages import drop_where, per_batch
 
 REASON = "near_duplicate"
 
@@ -133,7 +133,7 @@ class MinHashConfig:
 class MinHashDedup(PreloadedIndex):
     """Streaming keep-first near-duplicate filter; rows it drops get drop_reason "near_duplicate".
 
-    >>> from synthloop.generator.schema import make_batch
+    >>> from synthloop.core.schema import make_batch
     >>> dd = MinHashDedup(MinHashConfig(ngram=2, text_columns=["instruction"]))
     >>> b = make_batch([{"instruction": "a b c d e f g h"}, {"instruction": "A b c d e f g h!"}])
     >>> dd.mark(b)["drop_reason"].to_list()
@@ -194,7 +194,7 @@ class MinHashDedup(PreloadedIndex):
 
 
 
-@register("stage", "minhash_dedup", MinHashConfig)
+@register("stage", "minhash_dedup", MinHashConfig, tags=("dedup",))
 def build(cfg: MinHashConfig, ctx) -> object:
     dd = MinHashDedup(cfg)
     return per_batch("minhash_dedup", dd.mark, owner=dd)

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from synthloop.filters.scoring import set_scores, spread, to_score, user_text
-from synthloop.generator.models import resolve_model
-from synthloop.generator.registry import register
-from synthloop.generator.stages import drop_where, per_batch
+from synthloop.core.models import resolve_model
+from synthloop.core.registry import scorer
+from synthloop.core.stages import drop_where
 
 
 @dataclass
@@ -100,7 +100,6 @@ class RewardScorer:
         self.model = None
 
 
-@register("stage", "reward", RewardConfig)
-def build(cfg: RewardConfig, ctx) -> object:
-    scorer = RewardScorer(cfg)
-    return per_batch("reward", scorer, owner=scorer)
+@scorer("reward", RewardConfig)
+def build(cfg: RewardConfig, llm) -> RewardScorer:
+    return RewardScorer(cfg)

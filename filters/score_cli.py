@@ -20,7 +20,6 @@ from pathlib import Path
 
 import polars as pl
 
-SCORERS = ("judge", "ifd", "deita", "reward", "heuristics")
 
 
 class InputError(ValueError):
@@ -41,7 +40,7 @@ def _field(where: str, obj: dict, key: str, *, required: bool) -> str:
 
 
 def _rows_from_dicts(loc, items, fields: dict, need_response: bool) -> list[dict]:
-    from synthloop.generator.schema import SCHEMA
+    from synthloop.core.schema import SCHEMA
 
     keep = [c for c in SCHEMA.names() if c not in ("instruction", "input", "response")]
     rows = []
@@ -71,7 +70,7 @@ def read_records(path: str | Path, *, fields: dict | None = None, need_response:
 
     >>> read_records("scored.jsonl", fields={"response": "output"})      # doctest: +SKIP
     """
-    from synthloop.generator.schema import SCHEMA, conform, make_batch
+    from synthloop.core.schema import SCHEMA, conform, make_batch
 
     path = Path(path)
     fields = {"instruction": "instruction", "input": "input", "response": "response", **(fields or {})}
@@ -114,7 +113,7 @@ def write_outputs(df: pl.DataFrame, out: str, stage: str, arrived: pl.DataFrame)
     """Write kept and rejected rows under `out` atomically; return the summary counts.
 
     `arrived` holds the input rows that were already rejected (drop_stage "input")."""
-    from synthloop.generator.schema import SCHEMA
+    from synthloop.core.schema import SCHEMA
     from synthloop.outputs.shards import REJECTS_SCHEMA, write_parquet_atomic
 
     kept = df.filter(pl.col("drop_reason").is_null()).select(SCHEMA.names())
@@ -144,40 +143,38 @@ def _settings(pairs: list[str]) -> dict:
 
 
 def _scorer(args):
-    """(batch function, object with `stats` or None, close function) for --scorer.
+    """(batch function, close function) for --scorer, built through the stage registry.
 
     Loads models, so it is called only after every input has been checked."""
-    from synthloop.generator.config import from_dict
-    from synthloop.generator.llm import BackendSpec, open_llm
+    import dataclasses
+
+    from synthloop.core import registry
+    from synthloop.core.llm import BackendSpec, open_llm
 
     settings = _settings(args.set)
-    name = args.scorer
-    if name in ("ifd", "reward") and args.model:
-        settings.setdefault("model", args.model)
-    if name == "heuristics":
-        from synthloop.filters.heuristics import HeuristicsConfig, apply_heuristics
-        cfg = from_dict(HeuristicsConfig, settings, path="--set", text="", table="heuristics")
-        return (lambda b: apply_heuristics(b, cfg)), None, lambda: None
-    if name == "ifd":
-        from synthloop.filters.ifd import IFDConfig, IFDScorer
-        s = IFDScorer(from_dict(IFDConfig, settings, path="--set", text="", table="ifd"))
-        return s, s, s.close
-    if name == "reward":
-        from synthloop.filters.reward import RewardConfig, RewardScorer
-        s = RewardScorer(from_dict(RewardConfig, settings, path="--set", text="", table="reward"))
-        return s, None, s.close
-    from synthloop.filters.deita import DeitaConfig, DeitaScorer
-    from synthloop.filters.judge import JudgeConfig, JudgeScorer
-    cls, scorer = (JudgeConfig, JudgeScorer) if name == "judge" else (DeitaConfig, DeitaScorer)
-    cfg = from_dict(cls, settings, path="--set", text="", table=name)
-    llm = open_llm(BackendSpec(backend=args.backend, model=args.model or "embedded",
-                               options=_settings(args.backend_option)))
+    cls = registry.config_class("scorer", args.scorer)
+    if args.model and "model" in {f.name for f in dataclasses.fields(cls)}:
+        settings.setdefault("model", args.model)        # ifd: the student; reward: the RM
+    opened = []
+
+    def llm(role: str):                                  # judge/deita: --model on --backend
+        if not opened:
+            opened.append(open_llm(BackendSpec(backend=args.backend, model=args.model or "embedded",
+                                               options=_settings(args.backend_option))))
+        return opened[0]
+
+    def close() -> None:
+        if hasattr(fn, "close"):
+            fn.close()
+        for o in opened:
+            o.close()
+    fn = None
     try:
-        s = scorer(llm, cfg)
+        fn = registry.build_scorer(args.scorer, settings, llm)
     except ValueError:
-        llm.close()
+        close()
         raise
-    return s, s, llm.close
+    return fn, close
 
 
 def _progress(enabled: bool):
@@ -190,13 +187,13 @@ def _progress(enabled: bool):
 
 def run_score(args) -> int:
     """Score/filter the inputs with one scorer; returns the exit code."""
-    from synthloop.generator.config import ConfigError
+    from synthloop.core.config import ConfigError
 
     try:
         if args.batch_rows < 1:
             raise InputError(f"--batch-rows must be >= 1, got {args.batch_rows}")
         df = read_all(args.inputs, args, need_response=args.scorer != "deita")
-        fn, owner, close = _scorer(args)
+        fn, close = _scorer(args)
     except (InputError, ConfigError, ValueError, OSError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
@@ -212,7 +209,7 @@ def run_score(args) -> int:
         close()
     summary = write_outputs(pl.concat(done, how="vertical") if done else todo, args.out, args.scorer,
                             df.filter(pl.col("drop_reason").is_not_null()))
-    stats = getattr(owner, "stats", None)
+    stats = getattr(fn, "stats", None)
     if stats is not None:
         summary["stats"] = (stats.as_dict() if hasattr(stats, "as_dict") else
                             {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in stats.items()})
@@ -260,7 +257,8 @@ def add_parser(subparsers) -> None:
     """Register `score` and `select` on the `synthloop` command's subparsers."""
     s = subparsers.add_parser("score", help="score or filter a dataset with one scorer")
     _common(s)
-    s.add_argument("--scorer", required=True, choices=SCORERS)
+    from synthloop.core.registry import names
+    s.add_argument("--scorer", required=True, choices=names("scorer"))
     s.add_argument("--model", help="judge/deita: the judge LLM; ifd: the student; reward: the RM "
                                     "folder (a local path or 'embedded')")
     s.add_argument("--backend", default="transformers", choices=("transformers", "vllm", "openai"),

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import polars as pl
 
-from synthloop.generator.schema import SCORES
+from synthloop.core.schema import SCORES
 
 SCORE_FIELDS = tuple(f.name for f in SCORES.fields)
 
@@ -26,7 +26,7 @@ SCORE_FIELDS = tuple(f.name for f in SCORES.fields)
 def set_scores(batch: pl.DataFrame, **values: Sequence[float | None] | pl.Series) -> pl.DataFrame:
     """Write score fields row-aligned with `batch`; a null value keeps whatever the row had.
 
-    >>> from synthloop.generator.schema import make_batch
+    >>> from synthloop.core.schema import make_batch
     >>> b = set_scores(make_batch([{"instruction": "Hi"}]), judge=[0.7])
     >>> b["scores"].struct.field("judge").to_list()
     [0.7]

@@ -46,11 +46,11 @@ import numpy as np
 import polars as pl
 
 from synthloop.filters import checks
-from synthloop.generator.config import ConfigError
+from synthloop.core.config import ConfigError
 from synthloop.generator.constraint_phrasings import AT_LEAST, LESS, PHRASINGS
-from synthloop.generator.registry import register
-from synthloop.generator.schema import make_batch, record_id
-from synthloop.generator.stages import per_batch
+from synthloop.core.registry import register
+from synthloop.core.schema import make_batch, record_id
+from synthloop.core.stages import per_batch
 
 # ---------------------------------------------------------------------------------------------
 # Word lists (ours). Keywords prefer the instruction's own content words; these are fallbacks.

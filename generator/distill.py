@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synthloop.filters.scoring import parse_score
-from synthloop.generator.registry import Context, register
-from synthloop.generator.schema import make_batch, to_messages
-from synthloop.generator.stages import Tally, bump
+from synthloop.core.registry import Context, register
+from synthloop.core.schema import make_batch, to_messages
+from synthloop.core.stages import Tally, bump
 
 GRADE_PROMPT = """Below is a task for an AI assistant and one answer to it. Grade the answer from 1 to 10.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from synthloop.generator.evol_prompts import BREADTH_OP, leaked_marker
-from synthloop.generator.schema import normalize
+from synthloop.core.schema import normalize
 
 #: A small English stop-word list of our own: function words that carry no task content.
 STOPWORDS = frozenset("""

@@ -40,9 +40,9 @@ import polars as pl
 from synthloop.generator.eliminate import answer_reason, task_reason
 from synthloop.generator.evol_prompts import (CLOSE_TAGS, OPS, evolve_request, parse_evolved, parse_same,
                                               same_request)
-from synthloop.generator.registry import Context, register
-from synthloop.generator.schema import make_batch, record_id, to_messages
-from synthloop.generator.stages import Tally, bump
+from synthloop.core.registry import Context, register
+from synthloop.core.schema import make_batch, record_id, to_messages
+from synthloop.core.stages import Tally, bump
 
 
 @dataclass

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from synthloop.generator.registry import Context, register
-from synthloop.generator.schema import make_batch, to_messages
+from synthloop.core.registry import Context, register
+from synthloop.core.schema import make_batch, to_messages
 
 NONE = "<none>"
 SEP = "\n###\n"

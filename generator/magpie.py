@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from synthloop.generator.registry import Context, register
-from synthloop.generator.schema import make_batch, record_id
-from synthloop.generator.stages import run_steps
+from synthloop.core.registry import Context, register
+from synthloop.core.schema import make_batch, record_id
+from synthloop.core.stages import run_steps
 from synthloop.generator.self_instruct import rule_reason
 
 SENTINEL = "SYNTHLOOPUSERSENTINEL"
@@ -109,7 +109,7 @@ class Magpie:
         if cfg.tokenizer:
             from transformers import AutoTokenizer
 
-            from synthloop.generator.models import resolve_model
+            from synthloop.core.models import resolve_model
             tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer))
         else:
             tok = backend_tokenizer(self.llm)

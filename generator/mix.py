@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from synthloop.generator.registry import Context, build, register
+from synthloop.core.registry import Context, build, register
 
 
 @dataclass

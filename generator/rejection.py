@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synthloop.filters import checks
-from synthloop.generator.registry import Context, register
-from synthloop.generator.schema import make_batch, to_messages
-from synthloop.generator.stages import Batches
+from synthloop.core.registry import Context, register
+from synthloop.core.schema import make_batch, to_messages
+from synthloop.core.stages import Batches
 
 
 @dataclass

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from synthloop.generator.registry import Context, register
+from synthloop.core.registry import Context, register
 from synthloop.generator.rouge import NoveltyIndex
-from synthloop.generator.schema import make_batch
-from synthloop.generator.stages import run_steps
+from synthloop.core.schema import make_batch
+from synthloop.core.stages import run_steps
 
 BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
              "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]

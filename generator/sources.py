@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from synthloop.generator.registry import Context, register
+from synthloop.core.registry import Context, register
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.generator.schema import SCHEMA, SCORES
+from synthloop.core.schema import SCHEMA, SCORES
 from synthloop.outputs.manifest import load_manifest
 from synthloop.outputs.rounds import load_rounds
 from synthloop.outputs.run_reader import read_kept, round_dirs, run_dirs

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.generator.schema import MESSAGE
+from synthloop.core.schema import MESSAGE
 from synthloop.outputs.run_reader import read_kept, read_rejects, run_dirs
 from synthloop.outputs.shards import write_parquet_atomic
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.generator.schema import SCORES
+from synthloop.core.schema import SCORES
 from synthloop.outputs.manifest import load_manifest
 from synthloop.outputs.rounds import load_base, load_rounds
 from synthloop.outputs.run_reader import read_kept, read_rejects, run_dirs

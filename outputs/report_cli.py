@@ -1,4 +1,4 @@
-"""The `synthloop report` subcommand (wired in through generator/cli.py's SUBCOMMAND_MODULES).
+"""The `synthloop report` subcommand (wired in through engine/cli.py's SUBCOMMAND_MODULES).
 
     synthloop report RUN_DIR [--no-card]    RUN_DIR/report/index.html (+ PNGs) and RUN_DIR/README.md
 """

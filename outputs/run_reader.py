@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.generator.schema import SCHEMA
+from synthloop.core.schema import SCHEMA
 from synthloop.outputs.manifest import load_manifest
 from synthloop.outputs.shards import REJECTS_SCHEMA, scan_shards
 

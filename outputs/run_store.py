@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.generator.schema import SCHEMA
+from synthloop.core.schema import SCHEMA
 from synthloop.outputs.manifest import FORMAT, load_manifest, save_manifest
 from synthloop.outputs.shards import REJECTS_SCHEMA, ShardSeries, fsync_dir, scan_shards, write_parquet_atomic
 

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import polars as pl
 
-from synthloop.generator.schema import SCHEMA
+from synthloop.core.schema import SCHEMA
 
 #: Rejects carry the stage that dropped them next to the record schema.
 REJECTS_SCHEMA = pl.Schema({**SCHEMA, "drop_stage": pl.String})

@@ -8,14 +8,13 @@ A malformed file raises `SeedError` whose message names the path, line and field
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
 import polars as pl
 
-from synthloop.generator.schema import SCHEMA, conform, make_batch
+from synthloop.core.schema import SCHEMA, SeedSet, conform, make_batch
 
 FORMATS = ("auto", "self_instruct", "alpaca", "sharegpt", "jsonl", "parquet", "txt")
 BUNDLED = "bundled"
@@ -27,15 +26,6 @@ class SeedError(ValueError):
     def __init__(self, path: Path | str, line: int | None, field: str | None, msg: str):
         loc = f"{path}:{line}" if line else str(path)
         super().__init__(f"{loc}: field '{field}': {msg}" if field else f"{loc}: {msg}")
-
-
-@dataclass
-class SeedSet:
-    records: pl.DataFrame
-    classification: set[str] = field(default_factory=set)
-
-    def __len__(self) -> int:
-        return self.records.height
 
 
 def bundled_path() -> Path:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from synthloop.generator.models import prepare_embedded
+    from synthloop.core.models import prepare_embedded
     return AutoTokenizer.from_pretrained(prepare_embedded())
 
 

@@ -14,8 +14,8 @@ import hashlib
 import random
 
 from synthloop.generator.evol_prompts import HARDER_CLOSE, HARDER_OPEN, NEW_CLOSE, NEW_OPEN, SOURCE_CLOSE, SOURCE_OPEN
-from synthloop.generator.llm.base import Completion, Stats, per_request
-from synthloop.generator.llm.cache import CachedLLM
+from synthloop.core.llm.base import Completion, Stats, per_request
+from synthloop.core.llm.cache import CachedLLM
 
 #: The pre-query prefix scripted Magpie runs use (SmolLM2's user-turn opening).
 PRE_QUERY = "<|im_start|>user\n"
@@ -164,8 +164,8 @@ def context(llms: dict, toml: str = "", seeds=None):
     `llms["generator"]`, as in a run). `toml` adds [llm.*] tables for roles that must exist."""
     from pathlib import Path
 
-    from synthloop.generator.config import parse_config
-    from synthloop.generator.registry import Context
+    from synthloop.core.config import parse_config
+    from synthloop.core.registry import Context
     from synthloop.seeds.loaders import load_seeds
 
     roles = "".join(f'[llm.{r}]\nmodel = "{r}"\n' for r in llms)

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from synthloop.generator.llm import BackendSpec, RequestCache, open_llm
-from synthloop.generator.llm.openai_backend import OpenAILLM
-from synthloop.generator.models import prepare_embedded
+from synthloop.core.llm import BackendSpec, RequestCache, open_llm
+from synthloop.core.llm.openai_backend import OpenAILLM
+from synthloop.core.models import prepare_embedded
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 RAW = "The days of the week are Monday, Tuesday, Wednesday,"
@@ -103,7 +103,7 @@ def test_openai_backend_against_vllm_server(vllm_server):
 
 def test_cache_answers_repeats_without_the_model(hf_llm, tmp_path):
     cache = RequestCache(tmp_path / "c.sqlite")
-    from synthloop.generator.llm.cache import CachedLLM
+    from synthloop.core.llm.cache import CachedLLM
     cached = CachedLLM(hf_llm, cache, "transformers")
     before = hf_llm.stats.requests
     a = cached.generate([CHAT], {"max_tokens": 8, "temperature": 0.0})
@@ -240,7 +240,7 @@ def test_vllm_backend_drives_the_async_engine_from_any_thread_or_loop(monkeypatc
     running batch, a refused request as a row error, cancellation aborting requests, shutdown."""
     import asyncio
     pytest.importorskip("vllm")
-    from synthloop.generator.llm import vllm_backend
+    from synthloop.core.llm import vllm_backend
 
     fake = _FakeAsyncLLM()
 

@@ -10,8 +10,8 @@ import pytest
 from scripted_llm import FnLLM, ScriptedLLM
 
 from synthloop.filters import checks
-from synthloop.generator.cli import main
-from synthloop.generator.llm import BackendSpec, Completion
+from synthloop.engine.cli import main
+from synthloop.core.llm import BackendSpec, Completion
 from synthloop.tuner import benchmark as bm
 from synthloop.tuner import cli as tuner_cli
 

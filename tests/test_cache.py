@@ -13,10 +13,10 @@ import textwrap
 import pytest
 
 from scripted_llm import ScriptedLLM, scripted_factory
-from synthloop.generator.config import parse_config
-from synthloop.generator.llm.base import Completion
-from synthloop.generator.llm.cache import CachedLLM, RequestCache, request_key
-from synthloop.generator.runner import execute
+from synthloop.core.config import parse_config
+from synthloop.core.llm.base import Completion
+from synthloop.core.llm.cache import CachedLLM, RequestCache, request_key
+from synthloop.engine.runner import execute
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
@@ -136,8 +136,8 @@ def test_rerun_and_next_round_make_no_model_calls(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from synthloop.generator.llm.base import Completion
-    from synthloop.generator.llm.cache import RequestCache
+    from synthloop.core.llm.base import Completion
+    from synthloop.core.llm.cache import RequestCache
     cache = RequestCache(sys.argv[1])
     for t in range(100000):
         cache.put({f"t{t}-k{j}": Completion("x" * 200 + str(t), "stop", 3, 4) for j in range(50)})

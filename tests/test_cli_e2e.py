@@ -60,7 +60,7 @@ def reap_children():
 
 def start(cfg, out):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return _track(subprocess.Popen([sys.executable, "-m", "synthloop.generator.cli", "run", str(cfg), "--out", str(out),
+    return _track(subprocess.Popen([sys.executable, "-m", "synthloop.engine.cli", "run", str(cfg), "--out", str(out),
                              "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from synthloop.generator.cli import main
-from synthloop.generator.config import ConfigError, load_config, parse_config
+from synthloop.engine.cli import main
+from synthloop.core.config import ConfigError, load_config, parse_config
 
 
 def test_unknown_key_is_named_with_line():
@@ -50,7 +50,7 @@ def test_cli_bad_config_exits_2_nothing_written(tmp_path, capsys):
 def test_shipped_configs_are_valid(name):
     from conftest import ROOT
 
-    from synthloop.tuner.rounds import load_rounds_config
+    from synthloop.engine.rounds import load_rounds_config
     path = ROOT / "configs" / name
     cfg = load_rounds_config(path).run if name.startswith("rounds") else load_config(path)
     assert cfg.llm["generator"].model == "embedded"

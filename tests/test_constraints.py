@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from synthloop.filters import checks
 from synthloop.generator import constraints as C
-from synthloop.generator.config import ConfigError, parse_config
+from synthloop.core.config import ConfigError, parse_config
 from synthloop.generator.constraint_phrasings import AT_LEAST, LESS, PHRASINGS
-from synthloop.generator.registry import _REGISTRY, names
-from synthloop.generator.schema import SCHEMA, make_batch, record_id, to_messages
+from synthloop.core.registry import _REGISTRY, names
+from synthloop.core.schema import SCHEMA, make_batch, record_id, to_messages
 
 IDS = """keywords:existence keywords:frequency keywords:forbidden_words keywords:letter_frequency
 length_constraints:number_sentences length_constraints:number_paragraphs length_constraints:number_words
@@ -663,7 +663,7 @@ def test_custom_check_from_config_is_registered_and_drawable():
 
 
 def test_a_bad_constraints_table_is_one_line_with_file_and_line(tmp_path, capsys):
-    from synthloop.generator.cli import main
+    from synthloop.engine.cli import main
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[llm.generator]\nmodel = "x"\n[source]\ntype = "seeds"\n\n[[stages]]\ntype = "constraints"\n'

@@ -16,8 +16,8 @@ from synthloop.filters.exact import ExactConfig, ExactDedup
 from synthloop.filters.lsh import lsh_probability, optimal_bands_rows, signature_cut
 from synthloop.filters.minhash import MinHashConfig, MinHashDedup, MinHasher, jaccard_estimate
 from synthloop.filters.normalize import exact_keys, shingle_sets
-from synthloop.generator.schema import make_batch
-from synthloop.generator.stages import per_batch
+from synthloop.core.schema import make_batch
+from synthloop.core.stages import per_batch
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega red green blue cyan magenta yellow black white one two "
@@ -267,8 +267,8 @@ def test_minhash_config_errors():
 
 
 def test_stages_from_toml(tmp_path):
-    from synthloop.generator.config import ConfigError, parse_config
-    from synthloop.generator.registry import Context, build
+    from synthloop.core.config import ConfigError, parse_config
+    from synthloop.core.registry import Context, build
     cfg = parse_config('[[stages]]\ntype = "exact_dedup"\ntext_columns = ["instruction"]\n'
                        '[[stages]]\ntype = "minhash_dedup"\nthreshold = 0.8\nverify = true\n')
     ctx = Context(config=cfg, run_dir=tmp_path, seeds=None, open_llm=None)

@@ -9,8 +9,8 @@ import pytest
 
 from scripted_llm import FnLLM, context, run_batch
 from synthloop.generator.distill import Distill, DistillConfig, failure_reason, grade_request
-from synthloop.generator.llm.base import Completion
-from synthloop.generator.schema import make_batch
+from synthloop.core.llm.base import Completion
+from synthloop.core.schema import make_batch
 
 
 def _rows():

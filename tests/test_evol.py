@@ -10,13 +10,13 @@ import pytest
 
 from scripted_llm import FnLLM, context, run_batch, scripted_factory
 from synthloop.generator import evol_prompts as P
-from synthloop.generator.config import parse_config
+from synthloop.core.config import parse_config
 from synthloop.generator.eliminate import (STOPWORDS, answer_reason, growth_reason, is_refusal, jaccard,
                                            near_identical, stopwords_only, task_reason)
 from synthloop.generator.evol import Evol, EvolConfig
-from synthloop.generator.llm.base import Completion
-from synthloop.generator.runner import execute
-from synthloop.generator.schema import make_batch
+from synthloop.core.llm.base import Completion
+from synthloop.engine.runner import execute
+from synthloop.core.schema import make_batch
 from synthloop.outputs.manifest import count_problems
 
 TASK = "Explain why the sky is blue."

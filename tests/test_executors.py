@@ -23,12 +23,12 @@ import polars as pl
 import pytest
 
 from scripted_llm import Batches, FnLLM, context, scripted_factory
-from synthloop.generator import runner
-from synthloop.generator.config import parse_config
-from synthloop.generator.registry import register
+from synthloop.engine import runner
+from synthloop.core.config import parse_config
+from synthloop.core.registry import register
 from synthloop.generator.rouge import NoveltyIndex
-from synthloop.generator.runner import execute
-from synthloop.generator.schema import make_batch
+from synthloop.engine.runner import execute
+from synthloop.core.schema import make_batch
 from synthloop.generator.self_instruct import SelfInstruct, SelfInstructConfig
 from synthloop.outputs.manifest import count_problems
 
@@ -184,8 +184,8 @@ RUN_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import scripted_llm
-    from synthloop.generator.config import load_config
-    from synthloop.generator.runner import execute
+    from synthloop.core.config import load_config
+    from synthloop.engine.runner import execute
 
     class Tracked(scripted_llm.ScriptedLLM):      # keeps a file saying how many requests are in flight
         def gauge(self, n):
@@ -202,7 +202,7 @@ RUN_SCRIPT = textwrap.dedent("""
     def factory(spec, cache=None):
         return scripted_llm.CachedLLM(Tracked(name=f"scripted:{spec.model}", latency=0.3), cache, "scripted")
 
-    from synthloop.generator.cli import _terminate
+    from synthloop.engine.cli import _terminate
     signal.signal(signal.SIGTERM, _terminate)     # as `synthloop run` does: SIGTERM commits like Ctrl-C
     try:
         execute(load_config(sys.argv[2]), out=sys.argv[3], show_progress=False, backend_factory=factory)

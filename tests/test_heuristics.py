@@ -7,8 +7,8 @@ import pytest
 from scripted_llm import run_batch
 from synthloop.filters.heuristics import (REASONS, HeuristicsConfig, apply_heuristics,
                                           longest_char_run, loop_fraction)
-from synthloop.generator.config import parse_config
-from synthloop.generator.schema import SCHEMA, make_batch
+from synthloop.core.config import parse_config
+from synthloop.core.schema import SCHEMA, make_batch
 
 LOOP = "The answer is simple and clear. " * 12
 PROSE = ("Photosynthesis lets plants turn light into chemical energy. Chlorophyll absorbs light, "
@@ -101,9 +101,13 @@ def test_helpers():
 def test_stage_from_toml_config():
     cfg = parse_config('[source]\ntype = "self_instruct"\n'
                        '[[stages]]\ntype = "heuristics"\nmax_words = 5\nrefusal = false\n')
-    from synthloop.generator.registry import _REGISTRY
+    from types import SimpleNamespace
+
+    from synthloop.core.registry import _REGISTRY, names
+    assert "heuristics" in names("scorer") and "heuristics" in names("stage", tag="scorer")
     cls, build = _REGISTRY[("stage", "heuristics")]
-    stage = build(cls(**{k: v for k, v in cfg.stages[0].items() if k != "type"}), None)
+    stage = build(cls(**{k: v for k, v in cfg.stages[0].items() if k != "type"}),
+                  SimpleNamespace(llm=None))          # heuristics opens no backend
     batches = [make_batch([{"instruction": "Hi", "response": "one two three four five six"}]),
                make_batch([{"instruction": "Hi", "response": "I'm sorry, but no."}])]
     out = [run_batch(stage, b, i) for i, b in enumerate(batches)]

@@ -11,11 +11,11 @@ import polars as pl
 import pytest
 
 from scripted_llm import PRE_QUERY, Batches, FnLLM, context, first, scripted_factory
-from synthloop.generator.config import parse_config
-from synthloop.generator.llm.base import Completion
-from synthloop.generator.llm.cache import CachedLLM, RequestCache
+from synthloop.core.config import parse_config
+from synthloop.core.llm.base import Completion
+from synthloop.core.llm.cache import CachedLLM, RequestCache
 from synthloop.generator.magpie import Magpie, MagpieConfig, MagpieError, backend_tokenizer, pre_query
-from synthloop.generator.runner import execute
+from synthloop.engine.runner import execute
 from synthloop.outputs.manifest import count_problems
 
 SMOL_DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -25,14 +25,14 @@ SMOL_DEFAULT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM,
 def smol_tokenizer():
     from transformers import AutoTokenizer
 
-    from synthloop.generator.models import prepare_embedded
+    from synthloop.core.models import prepare_embedded
     return AutoTokenizer.from_pretrained(prepare_embedded())
 
 
 @pytest.fixture(scope="session")
 def embedded_llm():
     """One transformers backend on the embedded model for the whole session (loading dominates)."""
-    from synthloop.generator.llm.transformers_backend import TransformersLLM
+    from synthloop.core.llm.transformers_backend import TransformersLLM
     llm = TransformersLLM("embedded")
     yield llm
     llm.close()
@@ -184,7 +184,7 @@ class _NoCompletions(BaseHTTPRequestHandler):
 
 def test_openai_server_without_completions_endpoint():
     """A real OpenAILLM against a local server that only 404s: the source stops with a clear error."""
-    from synthloop.generator.llm.openai_backend import OpenAILLM
+    from synthloop.core.llm.openai_backend import OpenAILLM
     server = HTTPServer(("127.0.0.1", 0), _NoCompletions)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 from scripted_llm import PRE_QUERY, Batches, ScriptedLLM, context
 
-from synthloop.generator.config import ConfigError, parse_config
-from synthloop.generator.registry import build
-from synthloop.generator.schema import SCHEMA
+from synthloop.core.config import ConfigError, parse_config
+from synthloop.core.registry import build
+from synthloop.core.schema import SCHEMA
 
 SI = {"type": "self_instruct", "prompts_per_step": 2}
 MAGPIE = {"type": "magpie", "pre_query": PRE_QUERY, "end_of_turn": "<|im_end|>", "requests_per_step": 3}

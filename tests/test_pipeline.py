@@ -7,11 +7,11 @@ import polars as pl
 import pytest
 
 from scripted_llm import scripted_factory
-from synthloop.generator.config import parse_config
-from synthloop.generator.runner import execute
+from synthloop.core.config import parse_config
+from synthloop.engine.runner import execute
 from synthloop.outputs.manifest import count_problems
 from synthloop.outputs.shards import REJECTS_SCHEMA
-from synthloop.generator.schema import SCHEMA
+from synthloop.core.schema import SCHEMA
 
 CONFIG = """
 [run]
@@ -143,8 +143,8 @@ def test_raising_the_limit_continues_the_run(tmp_path):
 
 def test_step_wise_sources_stop_at_max_steps_or_after_patience_idle_steps(capsys):
     from scripted_llm import Batches
-    from synthloop.generator.schema import make_batch
-    from synthloop.generator.stages import run_steps
+    from synthloop.core.schema import make_batch
+    from synthloop.core.stages import run_steps
 
     class Source:                      # keeps a row on steps listed in `keeps`, nothing otherwise
         def __init__(self, keeps, ahead=1):

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 
 from scripted_llm import FnLLM, context
-from synthloop.generator.llm.base import Completion
+from synthloop.core.llm.base import Completion
 from synthloop.generator.rejection import RejectionConfig, RejectionSampling, sample_seed
-from synthloop.generator.schema import make_batch
+from synthloop.core.schema import make_batch
 
 NO_COMMA = [{"id": "punctuation:no_comma", "kwargs": "{}"}]
 LOWER_SHORT = [{"id": "change_case:english_lowercase", "kwargs": "{}"},

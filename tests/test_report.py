@@ -7,7 +7,7 @@ import random
 import polars as pl
 import pytest
 
-from synthloop.generator.schema import SCHEMA, make_batch
+from synthloop.core.schema import SCHEMA, make_batch
 from synthloop.outputs.card import render_card, write_card
 from synthloop.outputs.manifest import count_problems, stage_row
 from synthloop.outputs.report import drop_reason_counts, load_runs, method_counts, score_fields, write_report

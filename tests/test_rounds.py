@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 from scripted_llm import scripted_factory
 
-from synthloop.generator.config import ConfigError
+from synthloop.core.config import ConfigError
 from synthloop.outputs.run_reader import read_kept
-from synthloop.tuner.rounds import load_rounds_config, run_rounds
+from synthloop.engine.rounds import load_rounds_config, run_rounds
 
 CONFIG = """
 [run]

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from scripted_llm import scripted_factory
 
-from synthloop.generator.cli import main
+from synthloop.engine.cli import main
 from synthloop.outputs.run_reader import read_kept, read_rejects
-from synthloop.tuner.rounds import load_rounds_config, run_rounds
+from synthloop.engine.rounds import load_rounds_config, run_rounds
 
 BENCH = [
     {"key": 1, "prompt": "Describe a river. Use no commas.", "instruction_id_list": ["punctuation:no_comma"],

@@ -15,8 +15,8 @@ from synthloop.filters.judge import JudgeConfig, JudgeScorer
 from synthloop.filters.score_cli import add_parser, read_records
 from synthloop.filters.scoring import RatingStats, parse_score, rate, set_scores
 from synthloop.filters.select import select
-from synthloop.generator.llm.base import Completion, Stats
-from synthloop.generator.schema import SCHEMA, make_batch
+from synthloop.core.llm.base import Completion, Stats
+from synthloop.core.schema import SCHEMA, make_batch
 
 
 class Scripted:
@@ -166,7 +166,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def embedded_llm():
-    from synthloop.generator.llm import BackendSpec, open_llm
+    from synthloop.core.llm import BackendSpec, open_llm
     llm = open_llm(BackendSpec(backend="transformers", model="embedded"))
     yield llm
     llm.close()
@@ -217,7 +217,7 @@ def test_ifd_on_embedded_model(ifd_scorer):
 
 def _tiny_reward_llama(path: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    from synthloop.generator.models import prepare_embedded
+    from synthloop.core.models import prepare_embedded
     import torch
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(prepare_embedded())
@@ -346,7 +346,7 @@ def test_cli_bad_parquet_and_settings(tmp_path, capsys):
 
 def test_cli_judge_then_select(tmp_path, capsys, monkeypatch):
     import synthloop.filters.select as sel
-    import synthloop.generator.llm as llm_mod
+    import synthloop.core.llm as llm_mod
     monkeypatch.setattr(llm_mod, "open_llm", lambda spec: Scripted(
         lambda text, p: "Score: 9" if "Paris" in text else "Score: 4"))
     src = tmp_path / "in.parquet"

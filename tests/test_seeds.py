@@ -6,7 +6,7 @@ import json
 import polars as pl
 import pytest
 
-from synthloop.generator.cli import main
+from synthloop.engine.cli import main
 from synthloop.generator.rouge import rouge_l, tokenize
 from synthloop.seeds.loaders import SeedError, load_seeds
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from synthloop.generator.schema import SCHEMA, make_batch
+from synthloop.core.schema import SCHEMA, make_batch
 from synthloop.outputs.shards import ShardSeries, scan_shards, write_parquet_atomic
 
 

@@ -11,9 +11,9 @@ import math
 
 import pytest
 
-from synthloop.generator.llm import BackendSpec
-from synthloop.generator.llm.base import Completion, Stats, per_request
-from synthloop.generator.schema import make_batch
+from synthloop.core.llm import BackendSpec
+from synthloop.core.llm.base import Completion, Stats, per_request
+from synthloop.core.schema import make_batch
 from synthloop.outputs.shards import write_parquet_atomic
 from synthloop.tuner.evaluate import evaluate, load_student, reference_loss
 from synthloop.tuner.heldout import load_heldout, reference_messages
@@ -88,7 +88,7 @@ def test_train_config_is_keyword_only_and_loads_from_toml(tmp_path):
     f.write_text("[train]\nlora_r = 8\nmax_steps = 10\ntarget_modules = [\"q_proj\", \"v_proj\"]\n")
     cfg = load_train_config(f)
     assert (cfg.lora_r, cfg.max_steps, cfg.target_modules) == (8, 10, ["q_proj", "v_proj"])
-    from synthloop.generator.config import ConfigError
+    from synthloop.core.config import ConfigError
     f.write_text("[train]\nlora_rank = 8\n")
     with pytest.raises(ConfigError, match="t.toml:2.*unknown key 'lora_rank'"):
         load_train_config(f)
@@ -173,7 +173,7 @@ def test_merged_model_equals_the_adapter_applied_and_is_cached(tiny_model, tiny_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from synthloop.generator.models import merged_model
+    from synthloop.core.models import merged_model
     path = merged_model(tiny_model, str(tiny_adapter[0]), root=tmp_path)
     assert merged_model(tiny_model, str(tiny_adapter[0]), root=tmp_path) == path
     assert [p.name for p in (tmp_path / "merged").iterdir()] == [path.name]      # no temp folder left
@@ -310,7 +310,7 @@ def test_real_model_adapter_loads_with_peft_and_fits_its_references(real_adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from synthloop.generator.models import prepare_embedded
+    from synthloop.core.models import prepare_embedded
     out, metrics, items = real_adapter
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from synthloop.filters import checks
-from synthloop.generator.llm import BackendSpec, Completion, open_llm
+from synthloop.core.llm import BackendSpec, Completion, open_llm
 from synthloop.tuner.evaluate import student_spec
 
 #: Greedy, with room for IFEval's length instructions ("at least 600 words"): a 256-token cap would

@@ -55,7 +55,7 @@ def _default_backend() -> str:
 def _benchmark(args) -> int:
     """`eval --benchmark ifeval [FILE]`: IFEval-style accuracies of base + adapter."""
     from synthloop.filters.checks import register_check
-    from synthloop.generator.llm import BackendSpec
+    from synthloop.core.llm import BackendSpec
     from synthloop.tuner.benchmark import evaluate_benchmark, format_table, write_responses
 
     name, *rest = args.benchmark
@@ -85,7 +85,7 @@ def _benchmark(args) -> int:
 
 
 def _eval(args) -> int:
-    from synthloop.generator.llm import BackendSpec
+    from synthloop.core.llm import BackendSpec
 
     wrong = [_flag(k) for k in (HELDOUT_ONLY if args.benchmark else BENCHMARK_ONLY) if getattr(args, k)]
     if wrong:

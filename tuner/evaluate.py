@@ -14,8 +14,8 @@ import os
 import time
 from typing import Sequence
 
-from synthloop.generator.llm import BackendSpec, open_llm
-from synthloop.generator.models import resolve_model
+from synthloop.core.llm import BackendSpec, open_llm
+from synthloop.core.models import resolve_model
 from synthloop.tuner.heldout import load_heldout, prompt_messages, reference_messages
 from synthloop.tuner.judge import judge_pairs
 from synthloop.tuner.masking import IGNORE, tokenize_chat

@@ -10,7 +10,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from synthloop.generator.schema import to_messages
+from synthloop.core.schema import to_messages
 
 
 def bundled_heldout() -> Path:

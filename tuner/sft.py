@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Sequence
 
 import polars as pl
 
-from synthloop.generator.models import resolve_model
+from synthloop.core.models import resolve_model
 from synthloop.outputs.run_reader import kept_paths, round_dirs
 from synthloop.tuner.masking import IGNORE, tokenize_chat
 
@@ -119,7 +119,7 @@ def load_train_config(path: str | Path, *, table: str = "train") -> TrainConfig:
     """Read a TOML file's ``[train]`` table into a TrainConfig (unknown keys and wrong types named)."""
     import tomllib
 
-    from synthloop.generator.config import ConfigError, from_dict
+    from synthloop.core.config import ConfigError, from_dict
 
     text = Path(path).read_text()
     try:

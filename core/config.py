@@ -2,7 +2,7 @@
 
 A config has a ``[run]`` table, backends under ``[llm.<role>]`` (roles: generator, teacher,
 judge, ...), a ``[seeds]`` table, one ``[source]`` and an ordered ``[[stages]]`` list; each source or
-stage table has a ``type`` and that type's own keys (see generator/registry.py).
+stage table has a ``type`` and that type's own keys (see core/registry.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthloop.generator.llm.base import BackendSpec
+from synthloop.core.llm.base import BackendSpec
 
 
 class ConfigError(ValueError):
@@ -127,7 +127,7 @@ def parse_config(text: str, *, path: str = "<config>", extra_tables: tuple[str, 
     source = raw.get("source", {"type": "self_instruct"})
     stages = raw.get("stages", [])
     cfg = RunConfig(run=run, llm=llm, seeds=seeds, source=source, stages=stages, path=path, text=text)
-    from synthloop.generator.registry import validate
+    from synthloop.core.registry import validate
     validate(cfg)
     return cfg
 

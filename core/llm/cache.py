@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from synthloop.generator.llm.base import LLM, Completion, Params, Request, Stats, per_request
+from synthloop.core.llm.base import LLM, Completion, Params, Request, Stats, per_request
 
 
 def request_key(kind: str, model: str, request: Request, params: dict) -> str:

@@ -21,8 +21,8 @@ import os
 import threading
 from typing import Sequence
 
-from synthloop.generator.llm.base import Completion, Params, Request, Stats, per_request
-from synthloop.generator.models import adapter_fingerprint, merged_model, resolve_model
+from synthloop.core.llm.base import Completion, Params, Request, Stats, per_request
+from synthloop.core.models import adapter_fingerprint, merged_model, resolve_model
 
 #: Requests kept in flight on a CPU: enough for the 2-core engine's batch to stay full; more
 #: only queue, and every queued request is work lost when a run stops at its limit.

@@ -1,9 +1,15 @@
 """Named sources and stages that a TOML config can enable, order and parameterise.
 
-A module registers a builder with its config dataclass::
+This is the one place a stage is registered: its module is listed in `MODULES` and registers a
+builder with its config dataclass::
 
-    @register("stage", "heuristics", HeuristicsConfig)
-    def build(cfg: HeuristicsConfig, ctx: Context) -> Stage: ...
+    @register("stage", "exact_dedup", ExactConfig, tags=("dedup",))
+    def build(cfg: ExactConfig, ctx: Context) -> Stage: ...
+
+A scorer registers once with `scorer(name, ConfigCls)`: a function ``(cfg, llm) -> fn(batch) ->
+batch`` (``llm(role)`` opens a backend). It is then both a pipeline stage of that name (tagged
+"scorer") and a `synthloop score --scorer NAME`. What a stage is (``tags``) is asked, never listed
+elsewhere: ``names("stage", tag="dedup")``.
 
 `build(kind, table, ctx)` validates the table (unknown keys are named) and calls the builder.
 Builders get a `Context`: the run's seed and round, its directory, the seed records, the LLM
@@ -14,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from synthloop.generator.config import ConfigError, RunConfig, from_dict, where
-from synthloop.generator.llm.base import LLM, BackendSpec
-from synthloop.generator.stages import as_stage
-from synthloop.seeds.loaders import SeedSet
+from synthloop.core.config import ConfigError, RunConfig, from_dict, where
+from synthloop.core.llm.base import LLM, BackendSpec
+from synthloop.core.schema import SeedSet
+from synthloop.core.stages import as_stage, per_batch
 
 #: Modules whose import registers sources and stages.
 MODULES = [
@@ -40,11 +47,30 @@ MODULES = [
 ]
 
 _REGISTRY: dict[tuple[str, str], tuple[type, Callable]] = {}
+_TAGS: dict[tuple[str, str], frozenset[str]] = {}
 
 
-def register(kind: str, name: str, config_cls: type) -> Callable:
+def register(kind: str, name: str, config_cls: type, *, tags: tuple[str, ...] = ()) -> Callable:
+    """Register a builder of `kind` ("source", "stage" or "scorer") under `name`."""
     def deco(fn: Callable) -> Callable:
         _REGISTRY[(kind, name)] = (config_cls, fn)
+        _TAGS[(kind, name)] = frozenset(tags)
+        return fn
+    return deco
+
+
+def scorer(name: str, config_cls: type) -> Callable:
+    """Register ``fn(cfg, llm) -> batch function`` as the scorer `name` and as a stage of that name.
+
+    The stage keeps the scorer's state (`state`/`restore`) and closes it; a scorer that is an
+    object (not a plain function) makes an ordered stage, as its counts are order-dependent."""
+    def deco(fn: Callable) -> Callable:
+        register("scorer", name, config_cls)(fn)
+
+        def stage(cfg, ctx: "Context"):
+            s = fn(cfg, ctx.llm)
+            return per_batch(name, s, owner=None if inspect.isfunction(s) else s)
+        register("stage", name, config_cls, tags=("scorer",))(stage)
         return fn
     return deco
 
@@ -54,9 +80,24 @@ def _load() -> None:
         importlib.import_module(mod)
 
 
-def names(kind: str) -> list[str]:
+def names(kind: str, tag: str | None = None) -> list[str]:
+    """Registered names of `kind`, only those tagged `tag` when given."""
     _load()
-    return sorted(n for k, n in _REGISTRY if k == kind)
+    return sorted(n for k, n in _REGISTRY if k == kind and (tag is None or tag in _TAGS[(k, n)]))
+
+
+def config_class(kind: str, name: str) -> type:
+    """The config dataclass `name` of `kind` was registered with."""
+    _load()
+    if (kind, name) not in _REGISTRY:
+        raise ConfigError(f"unknown {kind} '{name}' (known: {', '.join(names(kind))})")
+    return _REGISTRY[(kind, name)][0]
+
+
+def build_scorer(name: str, settings: dict, llm: Callable[[str], LLM], *, path: str = "--set") -> Any:
+    """The scorer `name` outside a pipeline: settings are checked like a stage table."""
+    cls, fn = config_class("scorer", name), _REGISTRY[("scorer", name)][1]
+    return fn(from_dict(cls, settings, path=path, text="", table=name), llm)
 
 
 @dataclass
@@ -68,7 +109,7 @@ class Context:
     seeds: SeedSet
     open_llm: Callable[[BackendSpec], LLM]
     # False while every answer so far came from the request cache: the run replays a finished
-    # one and must not send requests that run never needed (see generator/executors.py).
+    # one and must not send requests that run never needed (see engine/executors.py).
     speculate: Callable[[], bool] = lambda: True
     _llms: dict = field(default_factory=dict)
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 
-from synthloop.generator.llm.base import LLM, BackendSpec, Completion, Stats
-from synthloop.generator.llm.cache import CachedLLM, RequestCache
+from synthloop.core.llm.base import LLM, BackendSpec, Completion, Stats
+from synthloop.core.llm.cache import CachedLLM, RequestCache
 
 
 def open_llm(spec: BackendSpec, *, cache: RequestCache | None = None) -> LLM:
@@ -13,13 +13,13 @@ def open_llm(spec: BackendSpec, *, cache: RequestCache | None = None) -> LLM:
     """
     opts = dict(spec.options)
     if spec.backend == "transformers":
-        from synthloop.generator.llm.transformers_backend import TransformersLLM
+        from synthloop.core.llm.transformers_backend import TransformersLLM
         llm = TransformersLLM(spec.model, **opts)
     elif spec.backend == "vllm":
-        from synthloop.generator.llm.vllm_backend import VLLMLLM
+        from synthloop.core.llm.vllm_backend import VLLMLLM
         llm = VLLMLLM(spec.model, **opts)
     elif spec.backend == "openai":
-        from synthloop.generator.llm.openai_backend import OpenAILLM
+        from synthloop.core.llm.openai_backend import OpenAILLM
         llm = OpenAILLM(spec.model, **opts)
     else:
         raise ValueError(f"unknown backend '{spec.backend}' (transformers, vllm, openai)")

@@ -227,7 +227,7 @@ async def run_steps(source: Any, label: str, *, max_steps: int, patience: int, a
 def drop_where(batch: pl.DataFrame, mask: pl.Expr | pl.Series, reason: str) -> pl.DataFrame:
     """Mark rows matching `mask` (and not already marked) as rejected with `reason`.
 
-    >>> from synthloop.generator.schema import make_batch
+    >>> from synthloop.core.schema import make_batch
     >>> b = drop_where(make_batch([{"instruction": "Hi there you"}]), pl.col("response") == "", "empty")
     >>> b["drop_reason"].to_list()
     ['empty']

@@ -1,6 +1,6 @@
 """Self-improvement rounds: generate with the student, curate, LoRA-train it, evaluate, repeat.
 
-A rounds config is a run config (see generator/config.py) plus two tables::
+A rounds config is a run config (see core/config.py) plus two tables::
 
     [rounds]
     count = 2                 # rounds r = 0 .. count-1
@@ -38,13 +38,13 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.generator.config import ConfigError, RunConfig, from_dict, parse_config, where
-from synthloop.generator.llm.base import BackendSpec
+from synthloop.core.config import ConfigError, RunConfig, from_dict, parse_config, where
+from synthloop.core.registry import names
+from synthloop.core.llm.base import BackendSpec
 from synthloop.outputs.rounds import load_base, load_rounds, record_base, record_round
 from synthloop.outputs.run_reader import kept_paths, read_kept
 from synthloop.tuner.sft import TrainConfig
 
-DEDUP_TYPES = ("exact_dedup", "minhash_dedup", "semantic_dedup")
 
 
 @dataclass
@@ -112,8 +112,9 @@ def round_config(cfg: RoundsConfig, r: int, *, adapter: str | None, seeds: str |
     if seeds:
         run.seeds.path, run.seeds.format = seeds, "auto"     # next_seeds.json or next_seeds.parquet
     globs = [str(p) for d in earlier for p in kept_paths(d)]
+    dedup = names("stage", tag="dedup")
     for st in run.stages:
-        if st["type"] in DEDUP_TYPES and globs:
+        if st["type"] in dedup and globs:
             st["preload"] = list(st.get("preload", [])) + globs
     return run
 
@@ -143,7 +144,7 @@ def _hard_by_pass_rate(run_dir: Path, k: int, seeds_out: Path, original: str) ->
     never-passed tasks first), then the original seeds, as a seed Parquet file in our schema, so each
     hard task comes back with its constraints, and first: a round stopped by `limit` still retries
     them. Returns how many hard examples it holds."""
-    from synthloop.generator.schema import SCHEMA
+    from synthloop.core.schema import SCHEMA
     from synthloop.outputs.run_reader import read_rejects
     from synthloop.outputs.shards import write_parquet_atomic
     from synthloop.seeds.loaders import load_seeds
@@ -190,8 +191,8 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
 
     >>> run_rounds(load_rounds_config("configs/rounds-quickstart.toml"))   # doctest: +SKIP
     """
-    from synthloop.generator.llm import open_llm
-    from synthloop.generator.runner import execute
+    from synthloop.core.llm import open_llm
+    from synthloop.engine.runner import execute
     from synthloop.tuner.evaluate import evaluate
     from synthloop.tuner.sft import summarize, train_in_fresh_process
 

@@ -1,7 +1,7 @@
 """The `synthloop` command.
 
     synthloop run CONFIG.toml [--out DIR] [--limit N]   grow a dataset (resumes if DIR has a run)
-    synthloop rounds CONFIG.toml [--out DIR]            self-improvement rounds (tuner/rounds.py)
+    synthloop rounds CONFIG.toml [--out DIR]            self-improvement rounds (engine/rounds.py)
     synthloop models prepare [--force]                 write the embedded model to the local cache
     synthloop seeds check PATH [--format F]            validate a seed file
     synthloop dedup | score | select IN... --out DIR   filters on your own data (filters/*_cli.py)
@@ -30,8 +30,8 @@ SUBCOMMAND_MODULES: list[str] = [
 
 
 def _run(args) -> int:
-    from synthloop.generator.config import load_config
-    from synthloop.generator.runner import execute
+    from synthloop.core.config import load_config
+    from synthloop.engine.runner import execute
 
     cfg = load_config(args.config)
     manifest = execute(cfg, out=args.out, limit=args.limit, show_progress=not args.quiet)
@@ -43,7 +43,7 @@ def _run(args) -> int:
 
 
 def _rounds(args) -> int:
-    from synthloop.tuner.rounds import load_rounds_config, run_rounds
+    from synthloop.engine.rounds import load_rounds_config, run_rounds
 
     entries = run_rounds(load_rounds_config(args.config), args.out, show_progress=not args.quiet)
     print(json.dumps([{"round": e["round"], "records": e.get("records"), "loss": e["eval"].get("loss"),
@@ -53,7 +53,7 @@ def _rounds(args) -> int:
 
 
 def _models(args) -> int:
-    from synthloop.generator.models import prepare_embedded
+    from synthloop.core.models import prepare_embedded
 
     print(prepare_embedded(force=args.force))
     return 0
@@ -102,7 +102,7 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synthloop.generator.config import ConfigError
+    from synthloop.core.config import ConfigError
     from synthloop.outputs.run_store import ConfigMismatch
     from synthloop.seeds.loaders import SeedError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import polars as pl
@@ -135,3 +136,15 @@ def conform(df: pl.DataFrame, *, source: str = "batch") -> pl.DataFrame:
         return df.select([pl.col(c).cast(t, strict=True) for c, t in SCHEMA.items()])
     except pl.exceptions.PolarsError as e:
         raise ValueError(f"{source}: cannot cast to the synthloop schema: {e}") from None
+
+
+@dataclass
+class SeedSet:
+    """Seed records in this schema (``method == "seed"``) and the ids of classification tasks
+    (self-instruct marks them; they get output-first instance prompts)."""
+
+    records: pl.DataFrame
+    classification: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return self.records.height

@@ -16,7 +16,7 @@ import random
 import weakref
 from typing import Sequence
 
-from synthloop.generator.llm.base import Completion, Params, Request, Stats, per_request
+from synthloop.core.llm.base import Completion, Params, Request, Stats, per_request
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 

@@ -1,8 +1,8 @@
 """Running a config: source -> stages -> shards, resumable, on the executor the config names.
 
 `execute` opens the run directory and the request cache, builds the source and stages, restores
-them on a resumed run, and hands them to an executor (generator/executors.py) on one event loop;
-the commit point (generator/commit.py) routes rejects, counts and commits. Ctrl-C or SIGTERM
+them on a resumed run, and hands them to an executor (engine/executors.py) on one event loop;
+the commit point (engine/commit.py) routes rejects, counts and commits. Ctrl-C or SIGTERM
 commits what was applied; killed at any instant, a rerun continues from the last commit.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthloop.generator.commit import Committer
-from synthloop.generator.config import RunConfig
-from synthloop.generator.executors import PipelinedExecutor, SequentialExecutor
-from synthloop.generator.llm import RequestCache, open_llm
-from synthloop.generator.models import cache_dir
-from synthloop.generator.registry import Context, build
+from synthloop.engine.commit import Committer
+from synthloop.core.config import RunConfig
+from synthloop.engine.executors import PipelinedExecutor, SequentialExecutor
+from synthloop.core.llm import RequestCache, open_llm
+from synthloop.core.models import cache_dir
+from synthloop.core.registry import Context, build
 from synthloop.outputs.run_store import RunStore
 from synthloop.seeds.loaders import load_seeds
 
@@ -105,7 +105,7 @@ def execute(cfg: RunConfig, *, out: str | Path | None = None, limit: int | None 
 
 
 def _drive(pipe: Pipeline, store: RunStore, prev: dict | None, limit: int, show_progress: bool, executor) -> dict:
-    from synthloop.generator.progress import RunProgress
+    from synthloop.engine.progress import RunProgress
     progress = RunProgress(limit=limit, enabled=show_progress, start_rows=store.kept_rows)
     commit = Committer(pipe.parts, store, prev, limit=limit, llms=pipe.ctx.llms, progress=progress)
     with progress, asyncio.Runner() as loop:

@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from synthloop.generator.schema import SCHEMA
+from synthloop.core.schema import SCHEMA
 from synthloop.outputs.manifest import stage_row
 from synthloop.outputs.run_store import RunStore
 

@@ -17,8 +17,8 @@ import threading
 import zlib
 from typing import Sequence
 
-from synthloop.generator.llm.base import Completion, Params, Request, Stats, cut_at_stop, per_request
-from synthloop.generator.models import adapter_fingerprint, resolve_model
+from synthloop.core.llm.base import Completion, Params, Request, Stats, cut_at_stop, per_request
+from synthloop.core.models import adapter_fingerprint, resolve_model
 
 
 class TransformersLLM:

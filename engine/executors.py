@@ -2,7 +2,7 @@
 
 An executor decides only *when* work happens. What happens is fixed by the stages (random
 streams keyed by batch or row id, ordered stages fed in id order) and by the commit point
-(generator/commit.py: rejects, counts, states and commits, in id order), so every executor
+(engine/commit.py: rejects, counts, states and commits, in id order), so every executor
 writes the same run directory for the same config and request cache.
 
 - `SequentialExecutor`: one batch at a time through the whole chain. The reference.
@@ -30,7 +30,7 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, Callable, Protocol
 
-from synthloop.generator.commit import Committer, Unit
+from synthloop.engine.commit import Committer, Unit
 
 
 class Executor(Protocol):
