@@ -25,7 +25,9 @@ Dropped, each to the rejects stream with its reason and counted:
 
 Every failed sample shares the row's ``id`` (same task), so a kept row and its failures join on it.
 Sampling seeds come from (run seed, stage name, round, row id, sample index): the same row draws
-the same requests in any run, order or resume, so the request cache answers reruns.
+the same requests in any run, order or resume, so the request cache answers reruns. The stage
+keeps no order-dependent state (its counts are a `Tally`), so the executor runs several batches
+through it at once; the checks run in a worker thread, off the event loop that feeds the engine.
 
 Example::
 
@@ -38,6 +40,7 @@ Example::
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass, field
 
@@ -46,7 +49,7 @@ import polars as pl
 from synthloop.filters import checks
 from synthloop.core.registry import Context, register
 from synthloop.core.schema import make_batch, to_messages
-from synthloop.core.stages import Batches
+from synthloop.core.stages import Tally, bump
 
 
 @dataclass
@@ -76,7 +79,12 @@ class Sample:
 
 
 class RejectionSampling:
-    """The rejection-sampling stage (one batch out per batch in; failed samples become rejects)."""
+    """The rejection-sampling stage (one batch out per batch in; failed samples become rejects).
+
+    State: counts of rows, samples, passing samples and kept rows, and per constraint id how many
+    samples were checked against it and how many followed it."""
+
+    ordered = False
 
     def __init__(self, cfg: RejectionConfig, ctx: Context):
         if cfg.n < 1:
@@ -86,25 +94,22 @@ class RejectionSampling:
         self.cfg, self.ctx = cfg, ctx
         self.llm = ctx.llm(cfg.role)
         self.name = "rejection_sampling"
-        self.counts = {"rows": 0, "samples": 0, "passed_samples": 0, "rows_kept": 0}
-        self.by_constraint: dict[str, list[int]] = {}     # id -> [samples checked, samples following it]
+        self.tally = Tally({"rows": 0, "samples": 0, "passed_samples": 0, "rows_kept": 0, "by_constraint": {}})
 
     def state(self) -> dict:
-        return {**self.counts, "by_constraint": {k: list(v) for k, v in self.by_constraint.items()}}
+        return self.tally.totals
 
     def restore(self, state: dict, committed) -> None:
-        self.counts.update({k: state[k] for k in self.counts if k in state})
-        self.by_constraint = {k: list(v) for k, v in state.get("by_constraint", {}).items()}
+        self.tally.restore(state)
 
-    def __call__(self, batches: Batches) -> Batches:
-        for batch in batches:
-            yield self.sample(batch)
+    def fold(self, batch_id: int) -> None:
+        self.tally.fold(batch_id)
 
     def _chat(self, row: dict) -> list[dict]:
         msgs = to_messages(row["instruction"], row["input"], "")
         return ([{"role": "system", "content": self.cfg.system}] if self.cfg.system else []) + msgs
 
-    def _judge(self, row: dict, completion) -> Sample:
+    def _judge(self, row: dict, completion, counts: dict) -> Sample:
         text = completion.text.strip()
         if not completion.ok:
             return Sample(text, "generation_error")
@@ -117,13 +122,12 @@ class RejectionSampling:
         prompt = to_messages(row["instruction"], row["input"], "")[0]["content"]
         results = checks.check(text, row["constraints"], prompt)
         for c, r in zip(row["constraints"], results):
-            tally = self.by_constraint.setdefault(c["id"], [0, 0])
-            tally[0] += 1
-            tally[1] += r.strict if self.cfg.verify == "strict" else r.loose
+            bump(counts, "by_constraint", c["id"], "checked")
+            bump(counts, "by_constraint", c["id"], "followed", n=int(r.strict if self.cfg.verify == "strict" else r.loose))
         frac, ok = checks.verified(results, loose=self.cfg.verify == "loose")
         return Sample(text, "passed" if ok else "failed_check", frac)
 
-    def sample(self, batch: pl.DataFrame) -> pl.DataFrame:
+    async def process(self, batch: pl.DataFrame, batch_id: int) -> pl.DataFrame:
         """Kept rows with their best sample, plus every failed sample as a rejected row."""
         rows = batch.to_dicts()
         todo = [i for i, r in enumerate(rows) if r["drop_reason"] is None]
@@ -132,18 +136,21 @@ class RejectionSampling:
         n = self.cfg.n
         params = [dict(self.cfg.sampling, seed=sample_seed(self.ctx.seed, self.name, self.ctx.round, rows[i]["id"], j))
                   for i in todo for j in range(n)]
-        done = self.llm.generate([self._chat(rows[i]) for i in todo for _ in range(n)], params)
-        live = set(todo)
+        done = await self.llm.agenerate([self._chat(rows[i]) for i in todo for _ in range(n)], params)
+        return await asyncio.to_thread(self._verify, rows, todo, done, self.tally.batch(batch_id))
+
+    def _verify(self, rows: list[dict], todo: list[int], done: list, counts: dict) -> pl.DataFrame:
+        n, live = self.cfg.n, set(todo)
         out = [r for i, r in enumerate(rows) if i not in live]
         for k, i in enumerate(todo):
-            out += self._resolve(rows[i], [self._judge(rows[i], c) for c in done[k * n:(k + 1) * n]])
+            out += self._resolve(rows[i], [self._judge(rows[i], c, counts) for c in done[k * n:(k + 1) * n]], counts)
         return make_batch(out)
 
-    def _resolve(self, row: dict, samples: list[Sample]) -> list[dict]:
+    def _resolve(self, row: dict, samples: list[Sample], counts: dict) -> list[dict]:
         n_pass = sum(s.status == "passed" for s in samples)
-        self.counts["rows"] += 1
-        self.counts["samples"] += len(samples)
-        self.counts["passed_samples"] += n_pass
+        bump(counts, "rows")
+        bump(counts, "samples", n=len(samples))
+        bump(counts, "passed_samples", n=n_pass)
         rate = n_pass / len(samples)
 
         def as_row(s: Sample, reason: str | None) -> dict:
@@ -156,7 +163,7 @@ class RejectionSampling:
         best = next((s for s in samples if s.status == "passed"), None)
         dropped = [as_row(s, reason[s.status]) for s in samples if s is not best]
         if best is not None:
-            self.counts["rows_kept"] += 1
+            bump(counts, "rows_kept")
             return [as_row(best, None)] + dropped
         checked = [k for k, r in enumerate(dropped) if r["drop_reason"] == "failed_check"]
         if checked:

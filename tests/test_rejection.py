@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 
-from scripted_llm import FnLLM, context
+from scripted_llm import FnLLM, context, run_batch
 from synthloop.core.llm.base import Completion
 from synthloop.generator.rejection import RejectionConfig, RejectionSampling, sample_seed
 from synthloop.core.schema import make_batch
@@ -46,7 +46,7 @@ def _by_sample(texts):
 def test_keeps_first_passing_sample_and_routes_failures_with_reasons():
     texts = ["Rain falls, softly, everywhere.", "Rain falls softly on the roofs.", "An Apple, sure.", "a ripe apple is sweet"]
     st, llm = _stage(_by_sample(texts), n=4)
-    out = st.sample(_rows())
+    out = run_batch(st, _rows())
     assert len(llm.sent) == 12
     kept = out.filter(pl.col("drop_reason").is_null())
     assert kept["response"].to_list() == ["Rain falls softly on the roofs.", "a ripe apple is sweet", "Rain falls, softly, everywhere."]
@@ -63,13 +63,14 @@ def test_keeps_first_passing_sample_and_routes_failures_with_reasons():
     assert set(fails["id"]) <= set(kept["id"])
     row2 = fails.filter(pl.col("id") == kept["id"][1])
     assert sorted(row2["scores"].struct.field("verified").to_list()) == [0.0, 0.5, 0.5]
-    assert st.state()["by_constraint"]["punctuation:no_comma"] == [4, 2]
+    assert st.state()["by_constraint"]["punctuation:no_comma"] == {"checked": 4, "followed": 2}
+    assert st.state()["rows"] == 3 and st.state()["rows_kept"] == 3 and not st.ordered
     assert (out["model"] == "student").all()
 
 
 def test_row_without_a_passing_sample_is_dropped_once_with_its_best_failure():
     st, _ = _stage(_by_sample(["Wet, cold, grey.", "APPLE PIE IS NICE TODAY, YES"]), n=2)
-    out = st.sample(_rows()[:2])
+    out = run_batch(st, _rows()[:2])
     assert out["drop_reason"].is_not_null().all()
     nps = out.filter(pl.col("drop_reason") == "no_passing_sample")
     assert nps.height == 2                                     # one per instruction
@@ -86,7 +87,7 @@ def test_truncated_and_failed_requests_are_never_kept():
     def fn(req, params):
         return Completion("cut off mid", "length", 10, 5) if params["seed"] % 2 else Completion("", "error", error="boom")
     st, _ = _stage(fn, n=3)
-    out = st.sample(_rows()[2:])
+    out = run_batch(st, _rows()[2:])
     assert out["drop_reason"].is_not_null().all()
     assert set(out["drop_reason"]) <= {"truncated", "generation_error"}
     assert out.height == 3
@@ -95,10 +96,10 @@ def test_truncated_and_failed_requests_are_never_kept():
 def test_seeds_are_keyed_by_row_id_not_batch_position():
     st, llm = _stage(lambda r, p: "fine answer", n=2)
     rows = _rows()
-    st.sample(rows)
+    run_batch(st, rows)
     first = {(m[-1]["content"], p["seed"]) for m, p in llm.sent}
     st2, llm2 = _stage(lambda r, p: "fine answer", n=2)
-    st2.sample(rows.reverse())
+    run_batch(st2, rows.reverse())
     assert {(m[-1]["content"], p["seed"]) for m, p in llm2.sent} == first
     assert llm.sent[0][1]["seed"] == sample_seed(0, "rejection_sampling", 0, rows["id"][0], 0)
 
@@ -106,7 +107,7 @@ def test_seeds_are_keyed_by_row_id_not_batch_position():
 def test_rows_already_dropped_pass_through_and_config_is_checked():
     rows = _rows().with_columns(pl.lit("too_short").alias("drop_reason"))
     st, llm = _stage(lambda r, p: "x")
-    assert st.sample(rows).equals(rows) and not llm.sent
+    assert run_batch(st, rows).equals(rows) and not llm.sent
     with pytest.raises(ValueError, match="verify"):
         _stage(lambda r, p: "x", verify="sometimes")
     with pytest.raises(ValueError, match="n must"):
@@ -115,10 +116,10 @@ def test_rows_already_dropped_pass_through_and_config_is_checked():
 
 def test_loose_verification_forgives_a_preamble_line():
     st, _ = _stage(lambda r, p: "Sure! Here:\na ripe apple is sweet", n=1, verify="loose")
-    kept = st.sample(_rows()[1:2])
+    kept = run_batch(st, _rows()[1:2])
     assert kept["drop_reason"].to_list() == [None]
     st, _ = _stage(lambda r, p: "Sure! Here:\na ripe apple is sweet", n=1)
-    assert st.sample(_rows()[1:2])["drop_reason"].to_list() == ["no_passing_sample"]
+    assert run_batch(st, _rows()[1:2])["drop_reason"].to_list() == ["no_passing_sample"]
 
 
 def test_verdicts_stay_deterministic_when_someone_resets_langdetect():
