@@ -32,13 +32,12 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from synthloop.core.config import ConfigError, RunConfig, from_dict, parse_config, where
+from synthloop.core.config import ConfigError, RunConfig, from_dict, parse_config, parse_toml, read_config_text, where
 from synthloop.core.registry import names
 from synthloop.core.llm.base import BackendSpec
 from synthloop.outputs.rounds import load_base, load_rounds, record_base, record_round
@@ -70,13 +69,8 @@ class RoundsConfig:
 def load_rounds_config(path: str | Path) -> RoundsConfig:
     """Read a rounds config; the [rounds] and [train] tables are checked like every other table."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        raw = tomllib.loads(text)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    text = read_config_text(path)
+    raw = parse_toml(text, str(path))
     rounds = from_dict(RoundsSection, raw.get("rounds", {}), path=str(path), text=text, table="rounds")
     if rounds.train_from not in ("base", "last") or rounds.count < 1:
         raise ConfigError(f"{where(str(path), text, 'train_from')}: [rounds] needs count >= 1 and "

@@ -161,7 +161,7 @@ def _builder(cid: str, kwargs: dict, prompt: str) -> Callable[[str], bool]:
         raise CheckError(f"{cid}: missing kwargs {sorted(missing)}")
     try:
         checker.build_description(**{k: v for k, v in kwargs.items() if k != "prompt"})
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:   # e.g. letter = ["a"]
         raise CheckError(f"{cid}: bad kwargs ({e})") from None
     args = checker.get_instruction_args()
     if args and "prompt" in args:

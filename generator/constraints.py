@@ -637,6 +637,8 @@ class ConstraintsConfig:
                 raise ConfigError(f"[constraints] custom[{i}] needs id, check and phrasings"
                                   + (f"; unknown keys {sorted(extra)}" if extra else ""))
             cid = c["id"]
+            if not isinstance(cid, str) or not cid.strip():
+                raise ConfigError(f"[constraints] custom[{i}]: id must be a non-empty string, got {cid!r}")
             if cid in CATALOGUE or cid in custom_ids:
                 raise ConfigError(f"[constraints] custom id '{cid}' is already taken")
             if not isinstance(c["check"], str) or ":" not in c["check"]:
@@ -647,7 +649,7 @@ class ConstraintsConfig:
             for p in c["phrasings"]:
                 try:
                     str(p).format(**kwargs)
-                except (KeyError, IndexError, ValueError) as e:
+                except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
                     raise ConfigError(f"[constraints] custom '{cid}': phrasing {p!r} does not format "
                                       f"with its kwargs ({e!r})") from None
             custom_ids.append(cid)

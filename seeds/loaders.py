@@ -32,20 +32,51 @@ def bundled_path() -> Path:
     return Path(str(resources.files("synthloop.seeds") / "data" / "seed_tasks.jsonl"))
 
 
+def _decode(path: Path, data: bytes, first_line: int = 1) -> str:
+    """`data` as UTF-8, or a SeedError naming the line of the first byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise SeedError(path, line, None, f"not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes().removeprefix(b"\xef\xbb\xbf")    # a BOM is not part of the first record
+    except OSError as e:
+        raise SeedError(path, None, None, f"cannot read ({e.strerror or e})") from None
+
+
+def _loads(path: Path, line: int, text: str) -> Any:
+    """One JSON value; anything json cannot take (bad syntax, a 5000-digit number, nesting deeper
+    than Python's stack) is a SeedError, not a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SeedError(path, line + e.lineno - 1, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        raise SeedError(path, line, None, f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise SeedError(path, line, None, "not valid JSON (nested too deeply)") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of a UTF-8 text file with their 1-based numbers."""
+    for n, raw in enumerate(_read(path).split(b"\n"), 1):
+        line = _decode(path, raw, n)
+        if line.strip():
+            yield n, line
+
+
 def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SeedError(path, n, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, line in _lines(path):
+        yield n, _loads(path, n, line)
 
 
 def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
     """Elements of a top-level JSON array with the line each starts on."""
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path, _read(path))
     dec = json.JSONDecoder()
     i = len(text) - len(text.lstrip())
     if not text[i:i + 1] == "[":
@@ -63,7 +94,20 @@ def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise SeedError(path, e.lineno, None, f"not valid JSON ({e.msg})") from None
+        except ValueError as e:
+            raise SeedError(path, line, None, f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise SeedError(path, line, None, "not valid JSON (nested too deeply)") from None
         yield line, obj
+
+
+def _text(path, line, field: str, val: str) -> str:
+    """`val` stripped; a lone surrogate (JSON allows "\\ud800") cannot be stored as UTF-8."""
+    try:
+        val.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SeedError(path, line, field, f"not valid Unicode (lone surrogate at character {e.start})") from None
+    return val.strip()
 
 
 def _str(path, line, obj: dict, key: str, *, required: bool = True, label: str = "") -> str:
@@ -77,9 +121,10 @@ def _str(path, line, obj: dict, key: str, *, required: bool = True, label: str =
     val = obj[key]
     if not isinstance(val, str):
         raise SeedError(path, line, label, f"must be a string, got {type(val).__name__}")
-    if required and not val.strip():
+    val = _text(path, line, label, val)
+    if required and not val:
         raise SeedError(path, line, label, "is empty")
-    return val.strip()
+    return val
 
 
 def _self_instruct(path: Path) -> SeedSet:
@@ -135,9 +180,9 @@ def _sharegpt(path: Path, items) -> SeedSet:
                 raise SeedError(path, line, f"{key}[{k}].{ck}", "must be a string")
             role = str(t[rk]).lower()
             if user is None and role in _USER:
-                user = t[ck].strip()
+                user = _text(path, line, f"{key}[{k}].{ck}", t[ck])
             elif user is not None and role in _ASSISTANT:
-                reply = t[ck].strip()
+                reply = _text(path, line, f"{key}[{k}].{ck}", t[ck])
                 break
         if not user:
             raise SeedError(path, line, key, "has no user turn")
@@ -173,12 +218,7 @@ def _parquet(path: Path, fields: dict) -> SeedSet:
 
 
 def _txt(path: Path) -> SeedSet:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append({"instruction": line.strip(), "method": "seed"})
-    return _finish(rows)
+    return _finish([{"instruction": line.strip(), "method": "seed"} for _, line in _lines(path)])
 
 
 def _finish(rows: list[dict], clf_instructions: set[str] = frozenset()) -> SeedSet:
@@ -223,6 +263,8 @@ def load_seeds(path: str | Path = BUNDLED, *, format: str = "auto", fields: dict
         raise SeedError(path, None, "format", f"unknown seed format '{format}' (one of {', '.join(FORMATS)})")
     if not path.exists():
         raise SeedError(path, None, None, "no such file")
+    if not path.is_file():
+        raise SeedError(path, None, None, "not a file")
     fmt = detect_format(path) if format == "auto" else format
     fields = fields or {}
     json_items = (lambda: _json_array(path)) if path.suffix.lower() == ".json" else (lambda: _jsonl(path))

@@ -58,6 +58,8 @@ def _item(obj, where: str, known: set[str]) -> dict:
         raise fail("key", f"must be an integer or a non-empty string, got {json.dumps(key)}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise fail("prompt", "must be a non-empty string")
+    if any("\ud800" <= ch <= "\udfff" for ch in prompt):
+        raise fail("prompt", "not valid Unicode (a lone surrogate)")
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         raise fail("instruction_id_list", "must be a non-empty list of strings")
     if not isinstance(kwargs, list):
@@ -90,17 +92,24 @@ def load_benchmark(path: str | os.PathLike | None = None) -> list[dict]:
     """
     path = Path(path) if path is not None else bundled_benchmark()
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BenchmarkError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise BenchmarkError(f"{path}: cannot read ({e.strerror or e})") from None
     items, seen, known = [], {}, set(checks.known_ids())
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BenchmarkError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BenchmarkError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:    # a 5000-digit number, nesting deeper than the stack
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise BenchmarkError(f"{path}:{n}: not valid JSON ({why})") from None
         item = _item(obj, f"{path}:{n}", known)
         # 7 and "7" are one key to whoever joins responses by key.
         if str(item["key"]) in seen:
