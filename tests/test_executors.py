@@ -180,6 +180,8 @@ def test_failing_requests_in_flight_become_counted_row_errors(tmp_path):
 
 
 RUN_SCRIPT = textwrap.dedent("""
+    import asyncio
+    import os
     import signal
     import sys
     sys.path.insert(0, sys.argv[1])
@@ -192,12 +194,20 @@ RUN_SCRIPT = textwrap.dedent("""
             with open(sys.argv[4], "w") as fh:
                 fh.write(str(n))
 
+        held = 0                                  # requests held back by the test
+
         async def agenerate(self, requests, params):
-            self.gauge(self.in_flight + len(requests))
+            self.gauge(self.in_flight + self.held + len(requests))
             try:
+                self.held += len(requests)
+                try:
+                    while os.path.exists(sys.argv[4] + ".hold"):     # the test holds answers back
+                        await asyncio.sleep(0.05)
+                finally:
+                    self.held -= len(requests)
                 return await super().agenerate(requests, params)
             finally:
-                self.gauge(self.in_flight)
+                self.gauge(self.in_flight + self.held)
 
     def factory(spec, cache=None):
         return scripted_llm.CachedLLM(Tracked(name=f"scripted:{spec.model}", latency=0.3), cache, "scripted")
@@ -225,21 +235,29 @@ def _commits(out: Path) -> int:
         return 0
 
 
-def _start_and_signal(cfg: Path, out: Path, gauge: Path, script: Path, sig: int) -> int:
+def _start_and_signal(cfg: Path, out: Path, gauge: Path, script: Path, sig: int, *, hold: bool = False) -> int:
     """Start (or resume) a scripted run; once it has made a commit of its own and has many
-    requests in flight, send `sig`; return the exit code."""
+    requests in flight, send `sig`; return the exit code. With `hold`, the backend stops answering
+    after that commit, so the run cannot finish before the signal however slow the machine is."""
     gauge.unlink(missing_ok=True)
+    held = Path(str(gauge) + ".hold")
+    held.unlink(missing_ok=True)
     after = _commits(out) + 1
     p = subprocess.Popen([sys.executable, str(script), str(TESTS), str(cfg), str(out), str(gauge)],
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     try:
-        while (_commits(out) < after or _gauge(gauge) < 10) and p.poll() is None and time.time() < deadline:
+        while _commits(out) < after and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if hold:
+            held.touch()
+        while _gauge(gauge) < 10 and p.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         assert p.poll() is None, p.stderr.read()[-2000:]
         p.send_signal(sig)
         return p.wait(timeout=120)
     finally:
+        held.unlink(missing_ok=True)
         if p.poll() is None:
             p.kill()
 
@@ -266,7 +284,7 @@ def test_sigkill_with_many_requests_in_flight_resumes_to_identical_shards(tmp_pa
     cfg, script, gauge = _scripted_run_files(tmp_path)
     out = tmp_path / "killed"
     for _ in range(2):
-        assert _start_and_signal(cfg, out, gauge, script, signal.SIGKILL) == -signal.SIGKILL
+        assert _start_and_signal(cfg, out, gauge, script, signal.SIGKILL, hold=True) == -signal.SIGKILL
     _finish_and_compare(tmp_path, cfg, out)
 
 
