@@ -75,8 +75,9 @@ def user_text(instruction: str, input: str) -> str:
 
 _WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
           "eight": 8, "nine": 9, "ten": 10}
-_NUM = r"(\d+(?:\.\d+)?)"
-_DEN = r"(?:\s*(?:/|out of)\s*(\d+(?:\.\d+)?)|\s*(%))?"
+# A number is all of "7", "7.5"; never a piece of "7.5.3", "1e999" or "123" (no backtracking into it).
+_NUM = r"(\d+(?:\.\d+)?)(?!\.?\d|[eE][-+]?\d)"
+_DEN = r"(?:\s*(?:/|out of)\s*(\d+(?:\.\d+)?)(?!\.?\d)|\s*(%))?"
 # A scale description ("1-10", "1 to 10", "0–5") is never the score itself.
 _SCALE = re.compile(r"\(?\b[01]\s*(?:-|–|—|to)\s*(?:5|6|10|100)\b\)?")
 _EXPLICIT = re.compile(r"\b(?:(overall|final|total)\s+)?(?:score|rating|grade|verdict|result)s?"
@@ -93,9 +94,19 @@ def _value(num: str, den: str | None, pct: str | None, hi: float) -> float:
     v = float(num)
     if pct:
         return v / 100 * hi
-    if den and float(den) > 0 and float(den) != hi:
-        return v / float(den) * hi
+    if den:
+        d = float(den)
+        if not 0 < d < math.inf:
+            return math.nan          # "7/0" or a 400-digit denominator says nothing
+        if d != hi:
+            return v / d * hi
     return v
+
+
+def _negative(text: str, m: re.Match, group: int) -> bool:
+    """The matched number carries a minus sign ("Score: -3"), so it is no score on a positive scale."""
+    i = m.start(group)
+    return i > 0 and text[i - 1] in "-\u2212" and (i < 2 or not text[i - 2].isalnum())
 
 
 def _candidates(text: str, hi: float) -> list[float]:
@@ -107,11 +118,13 @@ def _candidates(text: str, hi: float) -> list[float]:
         hits = list(rx.finditer(clean))
         # "Overall/final" beats per-criterion scores; otherwise the last one is the verdict.
         ranked = [m for m in reversed(hits) if m.group(1)] + hits[::-1]
-        out += [_value(m.group(2), m.group(3), m.group(4), hi) for m in ranked]
-    out += [_value(m.group(1), m.group(2), None, hi) for m in reversed(list(_FRACTION.finditer(plain)))]
-    out += [_value(m.group(1), m.group(2), m.group(3), hi) for m in reversed(list(_BOLD.finditer(plain)))]
+        out += [_value(m.group(2), m.group(3), m.group(4), hi) for m in ranked if not _negative(clean, m, 2)]
+    out += [_value(m.group(1), m.group(2), None, hi) for m in reversed(list(_FRACTION.finditer(plain)))
+            if not _negative(plain, m, 1)]
+    out += [_value(m.group(1), m.group(2), m.group(3), hi) for m in reversed(list(_BOLD.finditer(plain)))
+            if not _negative(plain, m, 1)]
     m = _LEADING.match(clean.strip())
-    if m:
+    if m and not _negative(clean.strip(), m, 1):
         out.append(_value(m.group(1), m.group(2), m.group(3), hi))
     return out
 

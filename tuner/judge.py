@@ -27,7 +27,8 @@ to the point; length alone is not a merit, and the order of the answers means no
 Reply with a single line: "Verdict: A", "Verdict: B" or "Verdict: tie"."""
 
 _CHOICE = r"(?:answer|response|assistant|option)?\s*\(?\[*\s*(a\s+tie|a\s+draw|a|b|tie|draw|equal|neither|both)\b"
-_VERDICT = re.compile(r"\b(?:verdict|winner)\s*(?:is)?\s*[:=\-]?\s*" + _CHOICE, re.I)
+# "Verdict: A or B" names no winner.
+_VERDICT = re.compile(r"\b(?:verdict|winner)\s*(?:is)?\s*[:=\-]?\s*" + _CHOICE + r"(?!\s*(?:or|and|/|,)\s*\(?[ab]\b)", re.I)
 _BRACKET = re.compile(r"\[\[\s*(a|b|tie)\s*\]\]", re.I)
 _BARE = re.compile(r"^\W*(?:answer|response|option)?\s*\(?\s*(a|b|tie|draw)\s*\)?\W*$", re.I)
 _PRAISE = r"\s+(?:is|was)\s+(?:clearly\s+|much\s+|slightly\s+)?(?:better|superior|stronger|more\s+\w+|preferred|preferable)"
@@ -45,7 +46,9 @@ def parse_verdict(text: str) -> str | None:
     >>> parse_verdict("**Verdict:** B"), parse_verdict("[[A]]"), parse_verdict("Both are equally good.")
     ('B', 'A', 'tie')
     """
-    t = text.replace("*", "").replace("`", "").strip()
+    if not text:
+        return None
+    t = re.sub(r"[*`\"']", "", text).strip()      # markdown and JSON quoting: {"verdict": "A"}
     found = _VERDICT.findall(t)
     if found:   # the last explicit verdict wins: judges sometimes reason, then revise
         v = re.sub(r"\s+", " ", found[-1].lower())
