@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from synthloop.core.config import ConfigError, RunConfig, from_dict, where
+from synthloop.core.config import ConfigError, RaySection, RunConfig, from_dict, where
 from synthloop.core.llm.base import LLM, BackendSpec
 from synthloop.core.schema import SeedSet
 from synthloop.core.stages import as_stage, per_batch
@@ -149,9 +149,10 @@ def validate(cfg: RunConfig) -> None:
     """Check every source/stage table against its config class without building anything."""
     if "generator" not in cfg.llm:
         raise ConfigError(f"{cfg.path}: [llm] needs a 'generator' backend")
-    if cfg.run.executor not in ("pipelined", "sequential"):
-        raise ConfigError(f"{where(cfg.path, cfg.text, 'executor')}: [run] executor must be pipelined or "
-                          f"sequential, got '{cfg.run.executor}'")
+    if cfg.run.executor not in ("pipelined", "sequential", "ray"):
+        raise ConfigError(f"{where(cfg.path, cfg.text, 'executor')}: [run] executor must be pipelined, "
+                          f"sequential or ray, got '{cfg.run.executor}'")
+    from_dict(RaySection, cfg.run.ray, path=cfg.path, text=cfg.text, table="run.ray")
     if cfg.run.in_flight < 0:
         raise ConfigError(f"{where(cfg.path, cfg.text, 'in_flight')}: [run] in_flight must be >= 0 (0: the backend's default)")
     for role, spec in cfg.llm.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from synthloop.engine.commit import Committer
-from synthloop.core.config import RunConfig
+from synthloop.core.config import ConfigError, RunConfig
 from synthloop.engine.executors import PipelinedExecutor, SequentialExecutor
 from synthloop.core.llm import RequestCache, open_llm
 from synthloop.core.models import cache_dir
@@ -54,25 +54,32 @@ def run_dir_for(cfg: RunConfig, out: str | Path | None) -> Path:
     return Path(out or cfg.run.out or Path("runs") / cfg.run.name)
 
 
-def make_executor(name: str, ctx: Context, in_flight: int = 0):
-    """The executor a config names; the pipelined one keeps `in_flight` requests outstanding
-    (0: the largest `default_in_flight` of the run's backends)."""
+def make_executor(name: str, ctx: Context, in_flight: int = 0, cluster=None):
+    """The executor a config names; the pipelined one (also the driver side of the ray one, whose
+    engines `cluster` placed) keeps `in_flight` requests outstanding (0: the largest
+    `default_in_flight` of the run's backends)."""
     if name == "sequential":
         return SequentialExecutor()
-    if name != "pipelined":
-        raise ValueError(f"unknown executor '{name}' (sequential, pipelined)")
+    if name not in ("pipelined", "ray"):
+        raise ValueError(f"unknown executor '{name}' (sequential, pipelined, ray)")
     llms = ctx.llms()
     budget = in_flight or max((l.default_in_flight for l in llms), default=DEFAULT_IN_FLIGHT)
-    return PipelinedExecutor(budget=budget, in_flight=lambda: sum(l.in_flight for l in llms),
-                             speculate=ctx.speculate)
+    pipelined = PipelinedExecutor(budget=budget, in_flight=lambda: sum(l.in_flight for l in llms),
+                                  speculate=ctx.speculate)
+    if name == "ray":
+        from synthloop.engine.ray_executor import RayExecutor
+        return RayExecutor(cluster, pipelined)
+    return pipelined
 
 
 def execute(cfg: RunConfig, *, out: str | Path | None = None, limit: int | None = None,
-            show_progress: bool = True, backend_factory=open_llm, executor: str | None = None) -> dict:
+            show_progress: bool = True, backend_factory=open_llm, executor: str | None = None,
+            address: str | None = None) -> dict:
     """Run (or resume) a config into its run directory; returns the final manifest.
 
-    `backend_factory(spec, cache=...)` builds LLM backends (tests pass a scripted one);
-    `executor` overrides ``[run] executor`` ("pipelined" or "sequential").
+    `backend_factory(spec, cache=...)` builds LLM backends (tests pass a scripted one; on Ray it
+    runs in each engine actor, with ``cache=None``); `executor` overrides ``[run] executor``
+    ("pipelined", "sequential" or "ray"); `address` overrides ``[run.ray] address``.
 
     >>> manifest = execute(load_config("configs/quickstart.toml"), limit=20)   # doctest: +SKIP
     """
@@ -88,18 +95,29 @@ def execute(cfg: RunConfig, *, out: str | Path | None = None, limit: int | None 
         print(f"{run_dir}: already complete ({store.kept_rows} records)", file=sys.stderr)
         return store.manifest
     cache = open_cache(cfg)
-    ctx = Context(config=cfg, run_dir=run_dir, seeds=seeds, open_llm=lambda spec: backend_factory(spec, cache=cache),
+    name = executor or cfg.run.executor
+    cluster = None
+    if name == "ray":
+        try:
+            from synthloop.engine.ray_executor import RayCluster
+        except ImportError as e:
+            raise ConfigError(f"{cfg.path}: executor 'ray' needs Ray ({e}): pip install 'synthloop[ray]'") from None
+        cluster = RayCluster(cfg, backend_factory, cache, address)
+    ctx = Context(config=cfg, run_dir=run_dir, seeds=seeds,
+                  open_llm=cluster.open_llm if cluster else lambda spec: backend_factory(spec, cache=cache),
                   speculate=lambda: cache is None or cache.misses > 0)
-    pipe = build_pipeline(cfg, ctx)
+    pipe = None
     try:
-        return _drive(pipe, store, prev, limit, show_progress,
-                      make_executor(executor or cfg.run.executor, ctx, cfg.run.in_flight))
+        pipe = build_pipeline(cfg, ctx)
+        return _drive(pipe, store, prev, limit, show_progress, make_executor(name, ctx, cfg.run.in_flight, cluster))
     finally:
-        for part in pipe.parts:
+        for part in pipe.parts if pipe else []:
             if hasattr(part, "close"):
                 part.close()
         for llm in ctx.llms():
             llm.close()
+        if cluster is not None:
+            cluster.close()
         if cache is not None:
             cache.close()
 
