@@ -44,6 +44,7 @@ MODULES = [
     "synthloop.filters.ifd",
     "synthloop.filters.reward",
     "synthloop.filters.exact", "synthloop.filters.minhash", "synthloop.filters.embed_dedup",
+    "synthloop.filters.language", "synthloop.filters.safety",
 ]
 
 _REGISTRY: dict[tuple[str, str], tuple[type, Callable]] = {}

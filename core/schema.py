@@ -20,6 +20,9 @@ MESSAGE = pl.Struct({"role": pl.String, "content": pl.String})
 #: registered in filters/checks.py) and its keyword arguments as a JSON object string.
 CONSTRAINT = pl.Struct({"id": pl.String, "kwargs": pl.String})
 
+#: The language of a record (filters/language.py): ISO 639-1 code and the detector's probability.
+LANGUAGE = pl.Struct({"code": pl.String, "confidence": pl.Float64})
+
 #: Score columns filled by scorers; null means "not scored".
 SCORES = pl.Struct({
     "quality": pl.Float64,
@@ -30,6 +33,7 @@ SCORES = pl.Struct({
     "verified": pl.Float64,      # fraction of the row's constraints its response passes (loose)
     "verified_all": pl.Boolean,  # the response passes every constraint
     "pass_rate": pl.Float64,     # rejection sampling: fraction of the n samples that passed all
+    "safety": pl.Float64,        # safety screen: 1 = nothing unsafe found, 0 = unsafe (filters/safety.py)
 })
 
 SCHEMA = pl.Schema({
@@ -44,6 +48,7 @@ SCHEMA = pl.Schema({
     "round": pl.Int32,           # self-improvement round that produced it
     "model": pl.String,          # model that wrote the instruction / response
     "constraints": pl.List(CONSTRAINT),  # verifiable constraints on the response; [] when none
+    "language": LANGUAGE,        # {code, confidence}; filled at the latest when a record is committed
     "scores": SCORES,
     "drop_reason": pl.String,    # set only on rows headed for the rejects stream
 })
@@ -107,6 +112,7 @@ def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
             "round": r.get("round", 0),
             "model": r.get("model", ""),
             "constraints": r.get("constraints") or [],
+            "language": r.get("language"),
             "scores": r.get("scores"),
             "drop_reason": r.get("drop_reason"),
         })
@@ -114,12 +120,14 @@ def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
 
 
 def with_responses(batch: pl.DataFrame, responses: list[str], model: str) -> pl.DataFrame:
-    """Fill `response` (and the chat `messages`) of every row; `model` names who answered."""
+    """Fill `response` (and the chat `messages`) of every row; `model` names who answered. The
+    language, detected on the old text, is cleared (the commit step detects it again)."""
     rows = batch.to_dicts()
     for r, resp in zip(rows, responses, strict=True):
         r["response"] = resp
         r["messages"] = to_messages(r["instruction"], r["input"], resp)
         r["model"] = model
+        r["language"] = None
     return make_batch(rows) if rows else batch
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 
 from synthloop.core.schema import SCHEMA
+from synthloop.filters.language import fill_language, language_counts
 from synthloop.outputs.manifest import stage_row
 from synthloop.outputs.run_store import RunStore
 
@@ -87,6 +88,7 @@ class Committer:
         prev = prev or {}
         self.llm_before = prev.get("llm", {})
         self.next_id = prev.get("batches", 0)       # the id of the next batch to commit
+        self.languages = Counter(prev.get("languages", {}))   # kept rows per language code
         names = [c.name for c in self.counts]
         rows = {r["name"]: r for r in prev.get("stages", [])}
         for c in self.counts:
@@ -137,7 +139,8 @@ class Committer:
             self.store.commit(**self.snapshot())
 
     def _write(self, batch: pl.DataFrame) -> None:
-        """The last step: rows whose id the dataset already holds are dropped as ``duplicate_id``."""
+        """The last step: rows whose id the dataset already holds are dropped as ``duplicate_id``;
+        kept rows that no `language` stage saw get their language here (every record has one)."""
         w = self.counts[-1]
         w.n_in += batch.height
         fresh = self.store.is_new(batch["id"]) & batch["id"].is_first_distinct()
@@ -146,6 +149,8 @@ class Committer:
             w.dropped["duplicate_id"] += dup.height
             self.store.reject(dup, w.name)
             batch = batch.filter(fresh)
+        batch = fill_language(batch)
+        self.languages.update(language_counts(batch))
         w.kept += batch.height
         self.store.add(batch)
 
@@ -157,7 +162,7 @@ class Committer:
         total.update(now)
         return {"stages": [c.row() for c in self.counts], "state": copy.deepcopy(self.states),
                 "llm": {"last_process": dict(now), "total": dict(total)}, "batches": self.next_id,
-                "complete": complete}
+                "languages": dict(sorted(self.languages.items())), "complete": complete}
 
     def finish(self) -> None:
         self.store.commit(**self.snapshot(complete=True), final=True)

@@ -46,7 +46,10 @@ import numpy as np
 
 __all__ = ["tokenize", "rouge_l", "NoveltyIndex"]
 
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+# Han, kana and CJK compatibility ideographs are one token per character (those scripts put no
+# spaces between words); any other run of letters and digits, in any script, is a token.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 
 # Bounds are evaluated against threshold - _EPS.  F is computed by rouge_score
 # with a few roundings (relative error ~1e-15), so any pair whose exact 2L/(m+n)
@@ -55,15 +58,18 @@ _EPS = 1e-9
 
 
 def tokenize(text: str) -> list[str]:
-    """Tokenize like rouge_score's DefaultTokenizer(use_stemmer=False).
+    """Tokenize like rouge_score's DefaultTokenizer(use_stemmer=False), in every script.
 
-    Lowercase (Python's ``str.lower``, so e.g. the Kelvin sign becomes "k"),
-    map every char outside [a-z0-9] to a space, split on whitespace.
+    Lowercase (Python's ``str.lower``, so e.g. the Kelvin sign becomes "k"), then take runs of
+    letters and digits. On ASCII text this is exactly rouge_score's [a-z0-9] runs; rouge_score
+    drops every other letter, which cuts "Übersetze" to "bersetze" and leaves a Russian or
+    Chinese instruction with no tokens at all (so nothing in it could ever be too similar).
+    Han and kana characters are one token each.
 
-    >>> tokenize("Write a 3-line poem, ÉTÉ!")
-    ['write', 'a', '3', 'line', 'poem', 't']
+    >>> tokenize("Write a 3-line poem, ÉTÉ!"), tokenize("日本語 text")
+    (['write', 'a', '3', 'line', 'poem', 'été'], ['日', '本', '語', 'text'])
     """
-    return _NON_ALNUM.sub(" ", text.lower()).split()
+    return _TOKEN.findall(text.lower())
 
 
 def _lcs_len(a: Sequence, b: Iterable) -> int:

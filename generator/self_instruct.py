@@ -7,7 +7,9 @@ kept only if they pass the paper's filters, each drop counted by reason:
 - ``too_short`` / ``too_long``: fewer than 3 or more than 150 words
 - ``unsupported_modality``: names image, graph, picture, file, map, draw, plot, go to, video,
   audio, music, flowchart or diagram (whole words, as the paper does)
-- ``starts_with_punctuation``, ``non_ascii_start``, ``write_a_program``
+- ``starts_with_punctuation``, ``non_ascii_start`` (a non-ASCII character that is not a letter or
+  digit: the paper drops every non-ASCII start, which would drop "Übersetze ...", "Écris ..."),
+  ``write_a_program``
 - ``truncated``: the last item of a completion that hit the token limit
 - ``too_similar``: ROUGE-L > 0.7 against any instruction kept so far, seeds included (exact
   ROUGE-L, indexed so the check stays cheap at 50,000 instructions: generator/rouge.py)
@@ -92,8 +94,8 @@ def parse_list(completion: str) -> list[str]:
 def rule_reason(inst: str, *, min_words: int = 3, max_words: int = 150) -> str | None:
     """The paper's rule-based drop reason for an instruction, or None if it passes.
 
-    >>> rule_reason("Draw a cat for me please.")
-    'unsupported_modality'
+    >>> rule_reason("Draw a cat for me please."), rule_reason("Übersetze den Satz ins Englische."), rule_reason("→ Sort a list.")
+    ('unsupported_modality', None, 'non_ascii_start')
     """
     words = inst.split()
     if len(words) < min_words:
@@ -106,7 +108,7 @@ def rule_reason(inst: str, *, min_words: int = 3, max_words: int = 150) -> str |
         return "write_a_program"
     if inst[0] in string.punctuation:
         return "starts_with_punctuation"
-    if not inst[0].isascii():
+    if not inst[0].isascii() and not inst[0].isalnum():
         return "non_ascii_start"
     return None
 

@@ -2,7 +2,8 @@
 
 Only shards listed here are part of the dataset; the manifest is replaced atomically, so it is the
 single commit point of a run. Per-stage counts obey ``in + created == kept + dropped`` and each
-stage's ``in`` equals the previous stage's ``kept``; `count_problems` checks both.
+stage's ``in`` equals the previous stage's ``kept``, and ``languages`` (kept rows per language
+code) adds up to the last stage's ``kept``; `count_problems` checks all three.
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def count_problems(manifest: dict) -> list[str]:
     stages = manifest.get("stages", [])
     if stages and kept_rows != stages[-1]["kept"]:
         out.append(f"shards hold {kept_rows} rows but the last stage kept {stages[-1]['kept']}")
+    langs = manifest.get("languages")
+    if stages and langs is not None and sum(langs.values()) != stages[-1]["kept"]:
+        out.append(f"languages count {sum(langs.values())} rows but the last stage kept {stages[-1]['kept']}")
     if stages and rej_rows != sum(s["dropped_total"] for s in stages):
         out.append(f"rejects hold {rej_rows} rows but stages dropped {sum(s['dropped_total'] for s in stages)}")
     return out

@@ -123,14 +123,16 @@ class RunStore:
         return self.kept.full() or self.rej.full()
 
     def commit(self, *, stages: list[dict], state: dict, llm: dict, batches: int = 0, complete: bool = False,
-               final: bool = False) -> None:
+               final: bool = False, languages: dict | None = None) -> None:
         """Persist everything added so far; the manifest rename is the commit point. `batches`
-        is the watermark: how many source batches the committed rows and state cover."""
+        is the watermark: how many source batches the committed rows and state cover;
+        `languages` counts the kept rows per language code."""
         self.committing = True
-        self._commit(stages=stages, state=state, llm=llm, batches=batches, complete=complete, final=final)
+        self._commit(stages=stages, state=state, llm=llm, batches=batches, complete=complete, final=final,
+                     languages=languages)
         self.committing = False
 
-    def _commit(self, *, stages, state, llm, batches, complete, final) -> None:
+    def _commit(self, *, stages, state, llm, batches, complete, final, languages) -> None:
         m = self.manifest
         self.dir.mkdir(parents=True, exist_ok=True)
         seq = m["commits"] + 1
@@ -150,6 +152,8 @@ class RunStore:
                  shards=m["shards"] + new_kept, rejects=m["rejects"] + new_rej, pending=pending,
                  pending_rows={"kept": rest_kept.height, "rejects": rest_rej.height},
                  stages=stages, state=state, llm=llm, batches=batches)
+        if languages is not None:
+            m["languages"] = languages
         save_manifest(self.dir, m)
         for rel in set(old_pending.values()) - set(pending.values()):
             (self.dir / rel).unlink(missing_ok=True)

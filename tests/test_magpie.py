@@ -98,7 +98,7 @@ def test_tokenizer_option_loads_a_local_template():
 def _instructions(req, p):
     if isinstance(req, str):
         return {0: "How do rainbows form after a storm?<|im_end|>\n<|im_start|>assistant", 1: "",
-                2: "Hi!", 3: "Ünïcode start is not accepted here.", 4: Completion("How do I", "length", 5, 128),
+                2: "Hi!", 3: "¿Qué hora es en Tokio ahora mismo?", 4: Completion("How do I", "length", 5, 128),
                 5: "How do rainbows form after a storm?", 6: Completion("", "error", error="boom"),
                 7: "Draw a map of Europe for me please."}[p["seed"] % 8]
     return f"Answer to: {req[-1]['content']}"

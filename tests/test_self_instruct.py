@@ -25,7 +25,9 @@ def test_parse_numbered_continuation():
     ("Make a flowchart of the process.", "unsupported_modality"),
     ("Write a program that sorts numbers.", "write_a_program"),
     ("- List three colours please.", "starts_with_punctuation"),
-    ("Écris une phrase en français.", "non_ascii_start"),
+    ("→ Liste drei Farben auf.", "non_ascii_start"),
+    ("Écris une phrase en français.", None),           # a letter, if not an ASCII one
+    ("Übersetze den Satz ins Englische.", None),
     ("Explain why the sky is blue.", None),
     ("Describe the profile of a good teacher.", None),   # 'file' inside a word is fine
 ])
