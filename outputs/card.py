@@ -28,6 +28,7 @@ COLUMNS = {
     "round": "self-improvement round that produced it",
     "model": "model that wrote the record",
     "constraints": "verifiable constraints on the response (`id`, `kwargs` as JSON); [] when none",
+    "language": "detected language: ISO 639-1 `code` and the detector's `confidence` (fastText lid.176)",
     "scores": "scorer outputs (" + ", ".join(f.name for f in SCORES.fields) + "); null where unscored",
     "drop_reason": "always null in the kept data (set only in rejects/)",
 }
@@ -58,13 +59,13 @@ def render_card(run_dir: str | Path) -> str:
     """
     run_dir = Path(run_dir)
     runs = [(rnd, path, load_manifest(path) or {}) for rnd, path in run_dirs(run_dir)]
-    kept = pl.concat([read_kept(p, ["method", "round", "scores"]) for _, p, _ in runs], how="vertical")
+    kept = pl.concat([read_kept(p, ["method", "round", "scores", "language"]) for _, p, _ in runs], how="vertical")
     is_rounds = bool(round_dirs(run_dir))
     data_glob = "round-*/data/*.parquet" if is_rounds else "data/*.parquet"
     first = runs[0][2]
     name = first.get("name", run_dir.name)
     complete = all(m.get("complete") for _, _, m in runs)
-    lines = ["---", f"pretty_name: {name}", "language:", "- en", "task_categories:", "- text-generation",
+    lines = ["---", f"pretty_name: {name}", *_language_yaml(kept), "task_categories:", "- text-generation",
              "tags:", "- synthetic", "- instruction-tuning", "- synthloop",
              "size_categories:", f"- {_size_category(kept.height)}",
              "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {data_glob}",
@@ -84,6 +85,7 @@ def render_card(run_dir: str | Path) -> str:
 
     by_method = kept.group_by("method").len("records").sort("records", descending=True)
     lines += ["## Records per generation method", ""] + _md_table(["method", "records"], by_method.rows())
+    lines += _languages_section(kept, runs)
 
     for rnd, path, m in runs:
         title = f"## Pipeline, round {rnd}" if rnd is not None else "## Pipeline"
@@ -92,6 +94,8 @@ def render_card(run_dir: str | Path) -> str:
             ["stage", "in", "created", "kept", "dropped", "drop reasons"],
             [[s["name"], s["in"], s["created"], s["kept"], s["dropped_total"],
               ", ".join(f"{k}: {v}" for k, v in s.get("dropped", {}).items())] for s in stages])
+
+    lines += _safety_section(runs)
 
     scored = [(f.name, kept["scores"].struct.field(f.name).drop_nulls().cast(pl.Float64))   # booleans as 0/1
               for f in SCORES.fields] if kept.height else []
@@ -126,6 +130,63 @@ def render_card(run_dir: str | Path) -> str:
               "## Config", "", f"From `{first.get('config_path', '')}` (config hash {first.get('config_hash', '')}):", "",
               "```toml", (first.get("config") or "").rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _language_counts(kept: pl.DataFrame) -> list[tuple[str, int]]:
+    codes = kept["language"].struct.field("code").fill_null("und")
+    return sorted(codes.value_counts().rows(), key=lambda r: (-r[1], r[0]))
+
+
+def _language_yaml(kept: pl.DataFrame) -> list[str]:
+    """The header's `language:` list: every detected code, most records first."""
+    codes = [c for c, _ in _language_counts(kept) if c != "und"]
+    return ["language:", *(f"- {c}" for c in codes)] if codes else []
+
+
+def _languages_section(kept: pl.DataFrame, runs: list) -> list[str]:
+    """Kept records per detected language (filters/language.py), and what a language filter dropped."""
+    if not kept.height:
+        return []
+    out = ["## Languages", "", "Detected per record with fastText's lid.176 model (ISO 639-1 codes; "
+           "`und`: nothing to detect).", ""]
+    out += _md_table(["language", "records", "share"],
+                     [[c, n, f"{n / kept.height:.1%}"] for c, n in _language_counts(kept)])
+    dropped = {}
+    for _, _, m in runs:
+        for stage, st in (m.get("state") or {}).items():
+            if isinstance(st, dict) and set(st) == {"detected", "dropped"}:
+                for code, n in st["dropped"].items():
+                    dropped[(stage, code)] = dropped.get((stage, code), 0) + n
+    if dropped:
+        out += ["Dropped by the language filter:", ""] + _md_table(
+            ["stage", "language", "records"], [[s, c, n] for (s, c), n in sorted(dropped.items())])
+    return out
+
+
+def _safety_section(runs: list) -> list[str]:
+    """What each safety screen (filters/safety.py) flagged, per category, summed over rounds."""
+    screens: dict[str, dict] = {}
+    for _, _, m in runs:
+        for stage, st in (m.get("state") or {}).items():
+            if isinstance(st, dict) and {"screened", "flagged", "by_category"} <= set(st):
+                tot = screens.setdefault(stage, {"screened": 0, "flagged": 0, "unparsed": 0, "by_category": {},
+                                                 "dropped": 0})
+                for k in ("screened", "flagged", "unparsed"):
+                    tot[k] += st.get(k, 0)
+                for cat, n in st["by_category"].items():
+                    tot["by_category"][cat] = tot["by_category"].get(cat, 0) + n
+                row = next((s for s in m.get("stages", []) if s["name"] == stage), {})
+                tot["dropped"] += sum(n for r, n in row.get("dropped", {}).items() if r.startswith("unsafe:"))
+    if not screens:
+        return []
+    out = ["## Safety screen", "", "Each pair was screened for unsafe content (violence, weapons, self-harm, sexual "
+           "content with minors, hate, drugs, malware, fraud, personal data); flagged pairs are dropped "
+           "(`unsafe:<category>` in rejects/) or kept with `scores.safety = 0`.", ""]
+    return out + _md_table(
+        ["stage", "screened", "flagged", "dropped", "unparsed", "flagged by category"],
+        [[s, t["screened"], t["flagged"], t["dropped"], t["unparsed"],
+          ", ".join(f"{c}: {n}" for c, n in sorted(t["by_category"].items())) or "none"]
+         for s, t in screens.items()])
 
 
 def _num(v) -> str:
