@@ -28,7 +28,7 @@ COLUMNS = {
     "round": "self-improvement round that produced it",
     "model": "model that wrote the record",
     "constraints": "verifiable constraints on the response (`id`, `kwargs` as JSON); [] when none",
-    "language": "detected language: ISO 639-1 `code` and the detector's `confidence` (fastText lid.176)",
+    "language": "detected language: ISO 639-1 `code` and the detector's `confidence` (CLD2, or fastText lid.176 where CLD2 is unsure)",
     "scores": "scorer outputs (" + ", ".join(f.name for f in SCORES.fields) + "); null where unscored",
     "drop_reason": "always null in the kept data (set only in rejects/)",
 }
@@ -147,8 +147,8 @@ def _languages_section(kept: pl.DataFrame, runs: list) -> list[str]:
     """Kept records per detected language (filters/language.py), and what a language filter dropped."""
     if not kept.height:
         return []
-    out = ["## Languages", "", "Detected per record with fastText's lid.176 model (ISO 639-1 codes; "
-           "`und`: nothing to detect).", ""]
+    out = ["## Languages", "", "Detected per record (instruction and response) with CLD2, or fastText's lid.176 "
+           "model where CLD2 is unsure; ISO 639-1 codes, `und`: nothing to detect.", ""]
     out += _md_table(["language", "records", "share"],
                      [[c, n, f"{n / kept.height:.1%}"] for c, n in _language_counts(kept)])
     dropped = {}
