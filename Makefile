@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml
 		[ "$$(id -u)" = 0 ] && (apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1)) || true
 	$(BIN)/synthloop models prepare
+	# compile the dedup kernels now, so no user command pays ~10 s for it
+	$(BIN)/python -m synthloop.filters.jit
 	touch $(STAMP)
 
 clean:

@@ -8,9 +8,9 @@ Inputs are Parquet or JSONL in the synthloop schema or any table holding the nam
 every other column passes through untouched (no schema is forced on foreign tables). Rows are
 streamed in batches, keep-first in input order. Output: ``DIR/kept-NNNNN.parquet``, the dropped
 rows with ``drop_reason`` in ``DIR/rejects-NNNNN.parquet`` and ``DIR/summary.json`` (counts by
-reason, records/s); files are staged in a hidden folder and moved in at the end, so an error or
-a kill leaves no partial output. Bad input: one line naming file (and line) and field, exit 2,
-nothing written. Progress goes to stderr, a one-line JSON summary to stdout.
+reason, records/s); files are staged in a hidden folder and moved in at the end, summary.json
+last: without it a folder holds no output, and a rerun after a kill clears what was moved in.
+Bad input: one line naming file (and line) and field, exit 2, nothing written. Progress goes to stderr, a one-line JSON summary to stdout.
 """
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shingle", choices=("word", "char"), default="word", help="word or character n-grams")
     p.add_argument("--bands", type=int, default=0, help="LSH bands (with --rows; default: from threshold)")
     p.add_argument("--rows", type=int, default=0, help="LSH rows per band")
-    p.add_argument("--verify", action="store_true",
-                   help="check MinHash candidates by exact shingle Jaccard (more memory)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check MinHash candidates by exact shingle Jaccard (default); "
+                        "--no-verify: by the signature estimate (less memory, lower recall)")
     p.add_argument("--model", default="", help="semantic: local sentence-transformers folder")
     p.add_argument("--semdedup", action="store_true",
                    help="semantic: SemDeDup per batch, survivor by scores.quality (else keep-first)")
@@ -68,6 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per batch (default 50000; 2048 for semantic)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per output file")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (streaming, one process) or ray (Ray Data; same kept rows)")
+    p.add_argument("--address", default="",
+                   help="Ray cluster address (default: a running local cluster, else a new one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=run_dedup)
     return p
@@ -175,22 +180,33 @@ def _check_preload(preload: list[str], columns: list[str]) -> None:
 
 # ---------------------------------------------------------------- dedup and output
 
-def _build(args, columns: list[str]):
+def _config(args, columns: list[str]):
+    """The stage config the method's dedup class (local) or filters/dedup_ray.py (Ray) runs."""
     method = args.method
     if method == "exact":
-        from synthloop.filters.exact import ExactConfig, ExactDedup
-        return ExactDedup(ExactConfig(text_columns=columns, preload=args.preload))
+        from synthloop.filters.exact import ExactConfig
+        return ExactConfig(text_columns=columns, preload=args.preload)
     threshold = args.threshold if args.threshold is not None else _DEFAULT_THRESHOLD[method]
     if method == "minhash":
-        from synthloop.filters.minhash import MinHashConfig, MinHashDedup
-        return MinHashDedup(MinHashConfig(
+        from synthloop.filters.minhash import MinHashConfig
+        return MinHashConfig(
             text_columns=columns, threshold=threshold, num_perm=args.num_perm, ngram=args.ngram,
             shingle=args.shingle, bands=args.bands, rows=args.rows, verify=args.verify,
-            preload=args.preload))
-    from synthloop.filters.embed_dedup import SemanticConfig, SemanticDedup
-    return SemanticDedup(SemanticConfig(
-        text_columns=columns, threshold=threshold, model=args.model,
-        mode="semdedup" if args.semdedup else "stream", preload=args.preload))
+            preload=args.preload)
+    from synthloop.filters.embed_dedup import SemanticConfig
+    return SemanticConfig(text_columns=columns, threshold=threshold, model=args.model,
+                          mode="semdedup" if args.semdedup else "stream", preload=args.preload)
+
+
+def _build(method: str, cfg):
+    if method == "exact":
+        from synthloop.filters.exact import ExactDedup
+        return ExactDedup(cfg)
+    if method == "minhash":
+        from synthloop.filters.minhash import MinHashDedup
+        return MinHashDedup(cfg)
+    from synthloop.filters.embed_dedup import SemanticDedup
+    return SemanticDedup(cfg)
 
 
 class _Shards:
@@ -260,23 +276,30 @@ def _run(args) -> int:
     if (args.bands > 0) != (args.rows > 0) or args.bands * args.rows > args.num_perm:
         raise InputError("--bands/--rows: give both, with bands * rows <= --num-perm")
     out = Path(args.out)
-    if out.exists() and (any(out.glob("kept-*.parquet")) or (out / "summary.json").exists()):
+    if (out / "summary.json").exists():
         raise InputError(f"{out}: already holds dedup output; choose another --out")
     inputs = _open_inputs(_input_files(args.inputs), columns)
     batch_rows = args.batch_size or _DEFAULT_BATCH[args.method]
     if batch_rows < 1 or args.shard_rows < 1:
         raise InputError("--batch-size and --shard-rows must be >= 1")
     _check_preload(args.preload, columns)
+    cfg = _config(args, columns)
     try:
-        dedup = _build(args, columns)
-    except (ValueError, FileNotFoundError) as e:
+        if args.executor == "local":
+            dedup = _build(args.method, cfg)
+        else:
+            dedup = None
+            _check_for_ray(args, cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise InputError(str(e)) from None
 
     out.mkdir(parents=True, exist_ok=True)
+    _remove_unfinished(out)
     stage = out / f".dedup-tmp-{os.getpid()}"
     stage.mkdir()
     try:
-        summary = _dedup(args, inputs, dedup, columns, batch_rows, stage)
+        summary = (_dedup(args, inputs, dedup, columns, batch_rows, stage) if dedup is not None
+                   else _dedup_ray(args, inputs, cfg, columns, batch_rows, stage))
         for name in summary["kept_files"] + summary["rejects_files"]:
             os.replace(stage / name, out / name)
         tmp = stage / "summary.json"
@@ -286,6 +309,19 @@ def _run(args) -> int:
         shutil.rmtree(stage, ignore_errors=True)
     print(json.dumps({k: summary[k] for k in ("out", "records", "kept", "dropped", "records_per_s")}))
     return 0
+
+
+def _remove_unfinished(out: Path) -> None:
+    """What a dedup into `out` killed before its summary.json left: the files it had moved in
+    already (without the summary they are no output) and the staging folders of dead pids."""
+    from synthloop.outputs.shards import pid_alive
+
+    for f in [*out.glob("kept-*.parquet"), *out.glob("rejects-*.parquet")]:
+        f.unlink()
+    for d in out.glob(".dedup-tmp-*"):
+        pid = d.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _dedup(args, inputs, dedup, columns, batch_rows, stage: Path) -> dict:
@@ -323,22 +359,71 @@ def _dedup(args, inputs, dedup, columns, batch_rows, stage: Path) -> dict:
     dt = time.perf_counter() - t0
     return {
         "out": str(args.out), "method": args.method, "inputs": [str(p) for p, _, _ in inputs],
-        "text_columns": columns, "params": _params(args, dedup),
+        "text_columns": columns, "params": _params(args, dedup.cfg), "executor": "local",
         "records": n_in, "kept": n_kept, "dropped": dict(sorted(dropped.items())),
         "seconds": round(dt, 3), "records_per_s": round(n_in / dt, 1) if dt > 0 else None,
         "kept_files": kept_files, "rejects_files": rejects_files,
     }
 
 
-def _params(args, dedup) -> dict:
+def _check_for_ray(args, cfg) -> None:
+    """What the local classes check on construction, without building an index or an encoder."""
+    if args.method == "minhash":
+        if not 0.0 < cfg.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {cfg.threshold}")
+    elif args.method == "semantic":
+        if args.semdedup:
+            raise InputError("--semdedup: SemDeDup picks survivors per local batch; "
+                             "it runs with --executor local only")
+        from synthloop.filters.embed_dedup import default_model_path
+        model = cfg.model or default_model_path()
+        if not Path(model).is_dir():
+            raise FileNotFoundError(f"embedding model folder not found: {model}")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise InputError("--executor ray: Ray is not installed (pip install 'synthloop[ray]')") from None
+
+
+def _dedup_ray(args, inputs, cfg, columns, batch_rows, stage: Path) -> dict:
+    from synthloop.filters import dedup_ray
+
+    live = [(path, rows) for path, _, rows in inputs if rows]
+    had_reason = all("drop_reason" in lf.collect_schema() for _, lf, rows in inputs if rows)
+    first = pl.DataFrame(schema=inputs[0][1].collect_schema())
+    t0 = time.perf_counter()
+    res = dedup_ray.dedup(args.method, cfg, live, args.preload, columns=columns,
+                          batch_rows=batch_rows, stage=stage, had_reason=had_reason,
+                          address=args.address or None) if live else \
+        {"records": 0, "kept": 0, "dropped": {}, "kept_files": [], "rejects_files": [], "ray": {}}
+    dt = time.perf_counter() - t0
+    reason = pl.DataFrame(schema={"drop_reason": pl.String})
+    for key, prefix, empty in (("kept_files", "kept", first),
+                               ("rejects_files", "rejects", first if "drop_reason" in first.columns
+                                else pl.concat([first, reason], how="horizontal"))):
+        if not res[key]:    # always at least one file, possibly empty, as the local executor
+            from synthloop.outputs.shards import write_parquet_atomic
+            write_parquet_atomic(empty, stage / f"{prefix}-00000.parquet")
+            res[key] = [f"{prefix}-00000.parquet"]
+    return {
+        "out": str(args.out), "method": args.method, "inputs": [str(p) for p, _, _ in inputs],
+        "text_columns": columns, "params": _params(args, cfg), "executor": "ray", "ray": res["ray"],
+        "records": res["records"], "kept": res["kept"], "dropped": res["dropped"],
+        "seconds": round(dt, 3), "records_per_s": round(res["records"] / dt, 1) if dt > 0 else None,
+        "kept_files": res["kept_files"], "rejects_files": res["rejects_files"],
+    }
+
+
+def _params(args, cfg) -> dict:
     if args.method == "exact":
         return {"preload": args.preload}
     if args.method == "minhash":
-        cfg = dedup.cfg
+        from synthloop.filters.lsh import optimal_bands_rows
+        bands, rows = (cfg.bands, cfg.rows) if cfg.bands else optimal_bands_rows(
+            cfg.threshold, cfg.num_perm, fp_weight=cfg.fp_weight, fn_weight=cfg.fn_weight)
         return {"threshold": cfg.threshold, "num_perm": cfg.num_perm, "ngram": cfg.ngram,
-                "shingle": cfg.shingle, "bands": dedup.bands, "rows": dedup.rows,
+                "shingle": cfg.shingle, "bands": bands, "rows": rows,
                 "verify": cfg.verify, "preload": args.preload}
-    cfg = dedup.cfg
     return {"threshold": cfg.threshold, "mode": cfg.mode, "model": cfg.model or "bundled MiniLM-L6-v2",
             "preload": args.preload}
 

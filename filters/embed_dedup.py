@@ -101,7 +101,8 @@ class SemDedupResult:
     survivor: np.ndarray    # per row, the index of the row that survives for its group
 
 
-def _cluster(emb: np.ndarray, n_clusters: int, seed: int, niter: int) -> np.ndarray:
+def kmeans_assign(emb: np.ndarray, n_clusters: int, seed: int, niter: int = 20) -> np.ndarray:
+    """Cluster of each unit vector under spherical faiss k-means (all 0 when k <= 1 or n <= k)."""
     import faiss
     if n_clusters <= 1 or len(emb) <= n_clusters:
         return np.zeros(len(emb), np.int64)
@@ -133,7 +134,7 @@ def semdedup(emb: np.ndarray, *, threshold: float, quality: np.ndarray | None = 
         return SemDedupResult(np.zeros(0, bool), np.zeros(0, np.int64))
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     k = n_clusters if n_clusters > 0 else max(1, n // 1000)
-    assign = _cluster(emb, k, seed, niter)
+    assign = kmeans_assign(emb, k, seed, niter)
     rows, cols = [], []
     for c in np.unique(assign):
         idx = np.flatnonzero(assign == c)

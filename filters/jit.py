@@ -1,5 +1,8 @@
 """numba kernels with an on-disk cache that notices edits to the helpers they call.
 
+Compiling the dedup kernels takes ~10 s of CPU; `warm_up` (``python -m synthloop.filters.jit``,
+which ``make install`` runs) does it once at install time so no user command pays for it.
+
 numba's cache (``cache=True``) saves compiling (seconds per kernel) in every new process, but it
 checks only the file that defines a kernel: a kernel in minhash.py that calls a tokeniser in
 normalize.py keeps running the old tokeniser after normalize.py changes. `kernel` hashes all the
@@ -64,3 +67,30 @@ def kernel(**options):
         return nb.njit(**options)
     _drop_stale_cache()
     return nb.njit(cache=True, **options)
+
+
+def warm_up() -> float:
+    """Compile (or load from the cache) every dedup kernel on tiny inputs; returns seconds.
+
+    >>> warm_up() >= 0
+    True
+    """
+    import time
+
+    import polars as pl
+
+    from synthloop.filters.exact import ExactConfig, ExactDedup
+    from synthloop.filters.minhash import MinHashConfig, MinHashDedup
+
+    t0 = time.perf_counter()
+    rows = pl.DataFrame({"t": ["warm up the dedup kernels", "Warm up the dedup kernels!", "x"] * 1000,
+                         "drop_reason": [None] * 3000}, schema_overrides={"drop_reason": pl.String})
+    for verify in (True, False):   # 3000 rows: the hash tables grow, which compiles its rehash
+        MinHashDedup(MinHashConfig(text_columns=["t"], verify=verify, ngram=2)).mark(rows)
+    MinHashDedup(MinHashConfig(text_columns=["t"], shingle="char")).mark(rows.head(3))
+    ExactDedup(ExactConfig(text_columns=["t"])).mark(rows)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    print(f"dedup kernels ready in {warm_up():.1f}s", file=sys.stderr)

@@ -98,6 +98,15 @@ def _jaccard(a, b):
     return inter / union if union else 1.0
 
 
+@kernel()
+def jaccard_pairs(fa, oa, fb, ob):
+    """Exact Jaccard of sorted distinct sets fa[oa[i]:oa[i+1]] and fb[ob[i]:ob[i+1]], per i."""
+    out = np.empty(oa.size - 1)
+    for i in range(out.size):
+        out[i] = _jaccard(fa[oa[i]:oa[i + 1]], fb[ob[i]:ob[i + 1]])
+    return out
+
+
 @nb.njit
 def _sig_matches(store, j, sig, d):
     m = 0
