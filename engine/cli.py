@@ -2,6 +2,7 @@
 
     synthloop run CONFIG.toml [--out DIR] [--limit N]   grow a dataset (resumes if DIR has a run)
     synthloop rounds CONFIG.toml [--out DIR]            self-improvement rounds (engine/rounds.py)
+      (both: [--executor pipelined|sequential|ray] [--address HEAD:PORT])
     synthloop models prepare [--force]                 write the embedded model to the local cache
     synthloop seeds check PATH [--format F]            validate a seed file
     synthloop dedup | score | select IN... --out DIR   filters on your own data (filters/*_cli.py)
@@ -34,6 +35,7 @@ def _run(args) -> int:
     from synthloop.engine.runner import execute
 
     cfg = load_config(args.config)
+    _place(cfg.run, args)
     manifest = execute(cfg, out=args.out, limit=args.limit, show_progress=not args.quiet)
     kept = manifest["stages"][-1]["kept"] if manifest.get("stages") else 0
     print(json.dumps({"run_dir": str(args.out or cfg.run.out or f"runs/{cfg.run.name}"), "records": kept,
@@ -45,11 +47,28 @@ def _run(args) -> int:
 def _rounds(args) -> int:
     from synthloop.engine.rounds import load_rounds_config, run_rounds
 
-    entries = run_rounds(load_rounds_config(args.config), args.out, show_progress=not args.quiet)
+    cfg = load_rounds_config(args.config)
+    _place(cfg.run.run, args)
+    entries = run_rounds(cfg, args.out, show_progress=not args.quiet)
     print(json.dumps([{"round": e["round"], "records": e.get("records"), "loss": e["eval"].get("loss"),
                        "previous_loss": e["eval"].get("previous_loss"), "win_rate": e["eval"].get("win_rate")}
                       for e in entries]))
     return 0
+
+
+def _place(run, args) -> None:
+    """--executor and --address override the config's [run] executor and [run.ray] address."""
+    if args.executor:
+        run.executor = args.executor
+    if args.address:
+        run.ray = {**run.ray, "address": args.address}
+
+
+def _executor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["pipelined", "sequential", "ray"],
+                   help="where the work runs (default: [run] executor, else pipelined)")
+    p.add_argument("--address", help="with --executor ray: the cluster to join, e.g. HEAD_IP:6379 "
+                                     "(default: [run.ray] address, $RAY_ADDRESS, a cluster on this machine, else a new one)")
 
 
 def _models(args) -> int:
@@ -75,11 +94,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: [run] out, else runs/<name>)")
     r.add_argument("--limit", type=int, help="stop once this many records are kept")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    _executor_flags(r)
     r.set_defaults(fn=_run)
     rr = sub.add_parser("rounds", help="self-improvement rounds: generate, curate, LoRA-train, evaluate")
     rr.add_argument("config")
     rr.add_argument("--out", help="rounds directory (default: [run] out, else runs/<name>)")
     rr.add_argument("--quiet", action="store_true")
+    _executor_flags(rr)
     rr.set_defaults(fn=_rounds)
     m = sub.add_parser("models", help="manage the embedded model")
     msub = m.add_subparsers(dest="action", required=True)

@@ -228,3 +228,51 @@ def test_config_names_the_executor_and_ray_settings():
         parse_config(good.replace("engines = 2", "engines = -1"), path="ray.toml")
     assert parse_config(good.replace("engines = 2", "engines = 8"), path="a").hash() == \
         parse_config(good, path="b").hash()                  # placement is not part of what a run makes
+
+
+CLI_CONFIG = """
+[run]
+name = "cli"
+cache = "off"
+
+[run.ray]
+cpus_per_engine = 0
+
+[llm.generator]
+backend = "transformers"
+model = "{model}"
+
+[seeds]
+path = "{seeds}"
+
+[source]
+type = "seeds"
+batch_size = 3
+
+[[stages]]
+type = "distill"
+sampling = {{ temperature = 1.0, max_tokens = 24, stop = ["e"] }}   # seeded; a random model ends nothing itself
+"""
+
+
+def test_cli_joins_a_cluster_and_runs_the_transformers_backend_in_an_actor(cluster, tiny_model, tmp_path):
+    """`synthloop run --executor ray --address ADDR` from another process, a real backend (a tiny
+    random Llama) built in the engine actor: the shards are the local pipelined run's."""
+    from synthloop.engine.cli import main
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("".join(f"Name three uses of a {w} in a small town.\n"
+                             for w in ("river", "bridge", "lantern", "compass", "ledger", "violin", "glacier")))
+    cfg = tmp_path / "cli.toml"
+    cfg.write_text(CLI_CONFIG.format(model=tiny_model, seeds=seeds))
+    done = subprocess.run([sys.executable, "-m", "synthloop.engine.cli", "run", str(cfg), "--out", str(tmp_path / "ray"),
+                           "--quiet", "--executor", "ray", "--address", cluster],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ray: 1 engine(s) for transformers:" in done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["complete"]
+    assert main(["run", str(cfg), "--out", str(tmp_path / "local"), "--quiet"]) == 0
+    m = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert m["llm"]["last_process"]["requests"] == 7 and m["stages"][-1]["kept"] + m["stages"][1]["dropped_total"] == 7
+    assert m["stages"][-1]["kept"] > 0         # the shards hold the engine's text
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
