@@ -50,49 +50,47 @@ def _fasttext():
 
 
 def language_text(instruction: str, input: str, response: str, max_chars: int = MAX_CHARS) -> str:
-    """What the detector reads for one record: instruction, input, response, cut to `max_chars`,
-    on one line (fastText predicts per line); all-capital text is lowered (fastText reads
-    shouting as another language).
+    """What the detector reads for one record: instruction, input and response, joined and cut to
+    `max_chars`; all-capital text is lowered (fastText reads shouting as another language).
 
     >>> language_text("Name a colour.", "", "Blue.")
     'Name a colour. Blue.'
     """
-    text = " ".join(t for t in (instruction, input, response) if t)[:max_chars]
-    text = " ".join(text.split())
+    text = instruction[:max_chars]
+    for part in (input, response):
+        if part and len(text) < max_chars:
+            text = f"{text} {part[:max_chars - len(text) - 1]}"
     return text.lower() if text.isupper() else text
 
 
-def _cld2(text: str) -> dict | None:
-    """CLD2's answer when it is sure of it, else None."""
-    import pycld2
-    try:
-        reliable, _, found = pycld2.detect(text)
-    except pycld2.error:                 # text CLD2 cannot read (e.g. lone surrogates): ask fastText
-        return None
-    name, code, percent, _ = found[0]
-    code = _CLD2_CODES.get(code, code)
-    if not reliable or code is None:
-        return None
-    return {"code": code, "confidence": percent / 100}
+def detect(texts: list[str]) -> tuple[list[str | None], list[float | None]]:
+    """Language code and confidence per text (None, None where there is no text), in order.
 
-
-def detect(texts: list[str]) -> list[dict | None]:
-    """``{code, confidence}`` per text (None where there is no text), in order.
-
-    >>> [d["code"] for d in detect(["Wie spät ist es?", "What time is it?", "Привет, как дела?"])]
-    ['de', 'en', 'ru']
+    >>> detect(["Wie spät ist es?", "What time is it?", "Привет, как дела?", ""])[0]
+    ['de', 'en', 'ru', None]
     """
-    out = []
+    import pycld2
+    cld2, cld2_error, rename = pycld2.detect, pycld2.error, _CLD2_CODES
+    codes: list[str | None] = []
+    confidences: list[float | None] = []
     for text in texts:
         if not text or text.isspace():
-            out.append(None)
+            codes.append(None)
+            confidences.append(None)
             continue
-        found = _cld2(text)
-        if found is None:
+        try:
+            reliable, _, found = cld2(text)
+            code = rename.get(found[0][1], found[0][1])
+        except cld2_error:             # text CLD2 cannot read (e.g. lone surrogates): ask fastText
+            reliable = False
+        if reliable and code is not None:
+            codes.append(code)
+            confidences.append(found[0][2] / 100)
+        else:
             best = _fasttext().detect(text, model="lite", k=1)[0]
-            found = {"code": best["lang"], "confidence": round(min(best["score"], 1.0), 4)}
-        out.append(found)
-    return out
+            codes.append(best["lang"])
+            confidences.append(round(min(best["score"], 1.0), 4))
+    return codes, confidences
 
 
 def fill_language(batch: pl.DataFrame, max_chars: int = MAX_CHARS, *, only: pl.Series | None = None) -> pl.DataFrame:
@@ -108,11 +106,19 @@ def fill_language(batch: pl.DataFrame, max_chars: int = MAX_CHARS, *, only: pl.S
         todo = todo & only
     if not todo.any():
         return batch
-    rows = batch.filter(todo).select("instruction", "input", "response").rows()
-    found = iter(detect([language_text(*r, max_chars=max_chars) for r in rows]))
-    values = [next(found) if t else None for t in todo]
-    new = pl.Series("language", values, dtype=LANGUAGE)
-    return batch.with_columns(pl.coalesce(pl.col("language"), pl.lit(new)).alias("language"))
+    rows = batch.filter(todo)
+    codes, confidences = detect([language_text(*r, max_chars=max_chars) for r in
+                                 zip(rows["instruction"], rows["input"], rows["response"])])
+    if rows.height < batch.height:               # back to full length, None where not detected
+        at = todo.arg_true().to_list()
+        full_codes, full_conf = [None] * batch.height, [None] * batch.height
+        for i, c, p in zip(at, codes, confidences):
+            full_codes[i], full_conf[i] = c, p
+        codes, confidences = full_codes, full_conf
+    code = pl.lit(pl.Series(codes, dtype=pl.String))
+    found = pl.struct(code=code, confidence=pl.lit(pl.Series(confidences, dtype=pl.Float64)))
+    return batch.with_columns(pl.when(pl.col("language").is_null() & code.is_not_null()).then(found)
+                              .otherwise(pl.col("language")).cast(LANGUAGE).alias("language"))
 
 
 def language_counts(batch: pl.DataFrame) -> dict[str, int]:
