@@ -120,14 +120,12 @@ def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
 
 
 def with_responses(batch: pl.DataFrame, responses: list[str], model: str) -> pl.DataFrame:
-    """Fill `response` (and the chat `messages`) of every row; `model` names who answered. The
-    language, detected on the old text, is cleared (the commit step detects it again)."""
+    """Fill `response` (and the chat `messages`) of every row; `model` names who answered."""
     rows = batch.to_dicts()
     for r, resp in zip(rows, responses, strict=True):
         r["response"] = resp
         r["messages"] = to_messages(r["instruction"], r["input"], resp)
         r["model"] = model
-        r["language"] = None
     return make_batch(rows) if rows else batch
 
 
