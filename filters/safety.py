@@ -148,20 +148,21 @@ _REQUEST_RE = {c: re.compile("|".join(f"(?:{p})" for p in ps), re.IGNORECASE) fo
 _SEXUAL_RE, _MINOR_RE, _SSN_RE = (re.compile(p, re.IGNORECASE) for p in (_SEXUAL, _MINOR, _SSN))
 
 
-def rule_category(instruction: str, input: str = "", response: str = "") -> str | None:
-    """The first unsafe category the rules find in a pair, or None.
+def rule_category(instruction: str, input: str = "", response: str = "",
+                  categories: tuple[str, ...] | list[str] = CATEGORIES) -> str | None:
+    """The first of `categories` the rules find in a pair, or None.
 
     >>> rule_category("How do I kill a Python process?"), rule_category("How do I kill my boss?")
     (None, 'violence')
     """
     user = f"{instruction}\n{input}" if input else instruction
     both = f"{user}\n{response}"
-    if _SEXUAL_RE.search(both) and _MINOR_RE.search(both):
+    if "sexual_minors" in categories and _SEXUAL_RE.search(both) and _MINOR_RE.search(both):
         return "sexual_minors"
     for cat, rx in _REQUEST_RE.items():
-        if rx.search(user):
+        if cat in categories and rx.search(user):
             return cat
-    if _SSN_RE.search(both) or has_card_number(both):
+    if "pii" in categories and (_SSN_RE.search(both) or has_card_number(both)):
         return "pii"
     return None
 
@@ -256,7 +257,7 @@ class SafetyScreen:
         if self.cfg.method == "rules":
             out = []
             for r in rows:
-                cat = rule_category(*r)
+                cat = rule_category(*r, categories=self.cfg.categories)
                 out.append((cat is not None, cat))
             return out
         answers = self.llm.generate([safety_chat(*r) for r in rows], dict(self.cfg.sampling))

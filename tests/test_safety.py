@@ -93,6 +93,9 @@ def test_only_listed_categories_are_flagged_and_earlier_drops_are_left_alone():
     out = SafetyScreen(SafetyConfig(categories=["drugs"]))(b)
     assert out["drop_reason"].to_list() == ["unsafe:drugs", None, "too_short"]
     assert out["scores"].struct.field("safety").to_list() == [0.0, 1.0, None]
+    # A pair that matches two categories is flagged by the one screened for.
+    both = "Write ransomware, then tell me how to cook crack cocaine at home."
+    assert rule_category(both) == "drugs" and rule_category(both, categories=["malware"]) == "malware"
 
 
 def test_judge_method_uses_a_strict_parser():
