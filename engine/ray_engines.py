@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import ray
@@ -64,6 +65,7 @@ class EnginePool:
 
     def __init__(self, spec: BackendSpec, factory: Callable, *, engines: int, num_gpus: float, num_cpus: float,
                  max_restarts: int):
+        t0 = time.perf_counter()
         actor = ray.remote(Engine).options(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts)
         self.spec, self.max_restarts = spec, max_restarts
         self.actors = [actor.remote(factory, spec) for _ in range(engines)]
@@ -76,7 +78,7 @@ class EnginePool:
         self.load = [0] * engines              # requests outstanding per actor
         self.down: set[int] = set()            # actors that died and have not answered since
         print(f"ray: {engines} engine(s) for {spec.backend}:{spec.model} "
-              f"({num_gpus:g} GPU, {num_cpus:g} CPU each)", file=sys.stderr)
+              f"({num_gpus:g} GPU, {num_cpus:g} CPU each), up in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     async def pids(self) -> list[int]:
         """The process id of every engine actor (as it is now)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import sys
+import time
 from typing import Any, Callable
 
 import polars as pl
@@ -28,7 +29,7 @@ import ray
 
 from synthloop.core.config import RaySection, RunConfig
 from synthloop.core.llm import BackendSpec, CachedLLM, RequestCache
-from synthloop.core.schema import conform
+from synthloop.core.schema import conform, empty_batch
 from synthloop.core.stages import PerBatch
 from synthloop.engine.ray_engines import EnginePool, placement
 
@@ -82,17 +83,23 @@ class RayCluster:
                           max_restarts=self.settings.max_restarts)
         return CachedLLM(pool, self.cache, spec.backend) if self.cache is not None else pool
 
-    def place(self, stages: list) -> list:
+    async def place(self, stages: list) -> list:
         """The stages, with every unordered function stage running on the cluster (one that does
-        not pickle, e.g. holding a local model, stays on the driver, and says so)."""
+        not pickle, e.g. holding a local model, stays on the driver, and says so). Each sends an
+        empty batch first, so its workers' start (imports) is paid, and shown, before the run."""
         out = []
         for st in stages:
             if isinstance(st, PerBatch) and not st.ordered:
                 try:
-                    out.append(RemoteStage(st, ray.put(st.fn)))
-                    continue
+                    remote = RemoteStage(st, ray.put(st.fn))
                 except (TypeError, pickle.PicklingError, AttributeError) as e:
                     print(f"ray: stage {st.name} runs on the driver (cannot send it: {e})", file=sys.stderr)
+                else:
+                    t0 = time.perf_counter()
+                    await remote.process(empty_batch(), -1)
+                    print(f"ray: stage {st.name} runs as tasks, first one in {time.perf_counter() - t0:.1f} s",
+                          file=sys.stderr)
+                    st = remote
             out.append(st)
         return out
 
@@ -109,4 +116,4 @@ class RayExecutor:
         self.cluster, self.inner = cluster, inner
 
     async def run(self, source: Any, stages: list, commit) -> None:
-        await self.inner.run(source, self.cluster.place(stages), commit)
+        await self.inner.run(source, await self.cluster.place(stages), commit)

@@ -150,7 +150,11 @@ def reference(tmp_path_factory):
 def test_ray_writes_what_pipelined_writes(cluster, reference, tmp_path, monkeypatch):
     placed, driver_backends = [], []
     real = ray_executor.RayCluster.place
-    monkeypatch.setattr(ray_executor.RayCluster, "place", lambda self, st: placed.extend(real(self, st)) or placed)
+
+    async def spy(self, stages):
+        placed.extend(await real(self, stages))
+        return placed
+    monkeypatch.setattr(ray_executor.RayCluster, "place", spy)
     m = execute(config(tmp_path, "ray.sqlite"), out=tmp_path / "ray", show_progress=False,
                 backend_factory=scripted_factory(driver_backends, latency=0.02), executor="ray")
     ref, mref = reference
