@@ -179,12 +179,12 @@ def _minhash_rows(batch, columns, cfg, mh):
     p = _piece_of(batch)
     df = read_piece(p)
     texts = joined_text(df, columns)
-    sig, keys, counts = mh.hash(texts)
+    sig, keys, counts, *sets = mh.hash(texts, sets=cfg.verify)
     idx = np.flatnonzero(_live(df, p) & (counts > 0))   # no shingles: never a near-dup, never indexed
     fp = (keys[idx] >> np.uint64(32)).astype(np.uint32)
     fp[fp == 0] = 1                              # as hashtable.fingerprint: the table's key
     if cfg.verify:
-        flat, off = mh.shingle_sets(texts)
+        flat, off = sets[0]
         check = _packed([flat[off[i]:off[i + 1]] for i in idx])
     else:
         check = _packed((sig[idx] & np.uint32(0xFF)).astype(np.uint8))

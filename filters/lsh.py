@@ -208,7 +208,7 @@ class LSHIndex:
         """Duplicate flags for the live rows of `band_keys` (n x bands); the others are inserted.
 
         Needs `sig` (n x num_perm uint32) for the signature check, `shingles` = (flat, offsets)
-        from `shingle_sets` for the exact one. `insert_only` indexes every live row unchecked
+        from `MinHasher.hash(texts, sets=True)` for the exact one. `insert_only` indexes every live row unchecked
         (earlier data that must not be re-emitted).
         """
         n = int(live.sum())

@@ -31,7 +31,7 @@ from synthloop.filters.jit import kernel
 from synthloop.filters.lsh import LSHIndex, optimal_bands_rows
 from synthloop.filters.preload import PreloadedIndex
 from synthloop.filters.normalize import (char_tokens, fmix64, joined_text, n_shingles,
-                                         shingle_hash, shingle_sets, utf8_buffer, word_tokens)
+                                         shingle_hash, utf8_buffer, word_tokens)
 from synthloop.core.registry import register
 from synthloop.core.stages import drop_where, per_batch
 
@@ -39,21 +39,34 @@ REASON = "near_duplicate"
 
 
 @kernel(parallel=True)
-def _signatures(data, offsets, ngram, char_mode, a, b, bands, rows):
+def _signatures(data, offsets, ngram, char_mode, a, b, bands, rows, want_sets):
+    """Signatures, band keys and shingle counts; with `want_sets` also the sorted distinct
+    shingle hashes of every document (flat, offsets), from the same tokenisation pass."""
     n = offsets.size - 1
     num_perm = a.size
     sig = np.empty((n, num_perm), np.uint32)
     keys = np.empty((n, bands), np.uint64)
     counts = np.empty(n, np.int64)
+    # room for a document's shingles: one per token at most; a word takes a byte and a separator
+    room = np.zeros(n + 1, np.int64)
+    if want_sets:
+        for d in range(n):
+            span = offsets[d + 1] - offsets[d]
+            room[d + 1] = room[d] + (span if char_mode else span // 2 + 1)
+    buf = np.empty(room[n], np.uint64)
+    sizes = np.zeros(n, np.int64)
     for d in nb.prange(n):
         s, e = offsets[d], offsets[d + 1]
         toks = np.empty(e - s + 1, np.uint64)
         nt = char_tokens(data, s, e, toks) if char_mode else word_tokens(data, s, e, toks)
         m = n_shingles(nt, ngram)
         w = min(ngram, nt)
+        r0 = room[d]
         cur = np.full(num_perm, 0xFFFFFFFF, np.uint32)   # a local row: no aliasing, so it vectorises
         for i in range(m):
             h = shingle_hash(toks, i, w)
+            if want_sets:
+                buf[r0 + i] = h
             x = np.uint32((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
             for p in range(num_perm):
                 cur[p] = min(cur[p], np.uint32(a[p] * x + b[p]))
@@ -64,16 +77,30 @@ def _signatures(data, offsets, ngram, char_mode, a, b, bands, rows):
                 h = (h ^ np.uint64(cur[p])) * np.uint64(0x100000001B3)
             keys[d, k] = nonzero(fmix64(h))
         counts[d] = m
-    return sig, keys, counts
+        if want_sets and m:
+            part = buf[r0:r0 + m]
+            part.sort()
+            k = 1
+            for i in range(1, m):
+                if part[i] != part[k - 1]:
+                    part[k] = part[i]
+                    k += 1
+            sizes[d] = k
+    off = np.zeros(n + 1, np.int64)
+    off[1:] = np.cumsum(sizes)
+    flat = np.empty(off[n], np.uint64)
+    for d in nb.prange(n):
+        flat[off[d]:off[d + 1]] = buf[room[d]:room[d] + sizes[d]]
+    return sig, keys, counts, flat, off
 
 
 class MinHasher:
     """MinHash signatures and LSH band keys of texts.
 
     >>> mh = MinHasher(num_perm=64, ngram=2)
-    >>> sig, keys, n = mh.hash(pl.Series(["the cat sat on the mat", "The cat sat on the mat!"]))
-    >>> bool((sig[0] == sig[1]).all()), n.tolist()
-    (True, [5, 5])
+    >>> sig, keys, n, (flat, off) = mh.hash(pl.Series(["the cat sat on the mat", "The cat sat on the mat!"]), sets=True)
+    >>> bool((sig[0] == sig[1]).all()), n.tolist(), off.tolist()
+    (True, [5, 5], [0, 5, 10])
     """
 
     def __init__(self, *, num_perm: int = 128, ngram: int = 5, shingle: str = "word",
@@ -90,15 +117,14 @@ class MinHasher:
         self.a = (rng.integers(0, 1 << 31, num_perm, dtype=np.uint32) << np.uint32(1)) | np.uint32(1)
         self.b = rng.integers(0, 1 << 32, num_perm, dtype=np.uint32)
 
-    def hash(self, texts: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(signatures uint32 n x num_perm, band keys uint64 n x bands, shingle counts)."""
+    def hash(self, texts: pl.Series, *, sets: bool = False):
+        """(signatures uint32 n x num_perm, band keys uint64 n x bands, shingle counts), plus with
+        `sets` the sorted distinct 64-bit shingle hashes per text: (flat, offsets), text i's being
+        flat[off[i]:off[i+1]] (what the exact check compares)."""
         data, offsets = utf8_buffer(texts)
-        return _signatures(data, offsets, self.ngram, self.shingle == "char", self.a, self.b,
-                           self.bands, self.rows)
-
-    def shingle_sets(self, texts: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-        """Sorted distinct shingle hashes per text with this hasher's shingling (see `shingle_sets`)."""
-        return shingle_sets(texts, ngram=self.ngram, shingle=self.shingle)
+        sig, keys, counts, flat, off = _signatures(data, offsets, self.ngram, self.shingle == "char",
+                                                   self.a, self.b, self.bands, self.rows, sets)
+        return (sig, keys, counts, (flat, off)) if sets else (sig, keys, counts)
 
 
 def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
@@ -167,9 +193,9 @@ class MinHashDedup(PreloadedIndex):
 
     def _run(self, batch: pl.DataFrame, live: np.ndarray, insert_only: bool) -> np.ndarray:
         texts = joined_text(batch, self.cfg.text_columns)
-        sig, keys, counts = self.hasher.hash(texts)
+        sig, keys, counts, *rest = self.hasher.hash(texts, sets=self.cfg.verify)
         live = live & (counts > 0)   # no shingles (no words): nothing to compare, never a near-dup
-        shingles = self.hasher.shingle_sets(texts) if self.cfg.verify else None
+        shingles = rest[0] if rest else None
         return self.index.query_insert(keys, live, sig=sig, shingles=shingles, insert_only=insert_only)
 
     def mark(self, batch: pl.DataFrame) -> pl.DataFrame:

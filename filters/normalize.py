@@ -259,44 +259,6 @@ def _exact_keys(data, offsets):
     return out
 
 
-@kernel(parallel=True)
-def _shingle_sets(data, offsets, ngram, char_mode):
-    """Sorted distinct shingle hashes of every document, flattened, with document offsets."""
-    n = offsets.size - 1
-    counts = np.empty(n, np.int64)
-    for d in nb.prange(n):
-        toks = np.empty(offsets[d + 1] - offsets[d] + 1, np.uint64)
-        nt = char_tokens(data, offsets[d], offsets[d + 1], toks) if char_mode else \
-            word_tokens(data, offsets[d], offsets[d + 1], toks)
-        counts[d] = n_shingles(nt, ngram)
-    starts = np.zeros(n + 1, np.int64)
-    starts[1:] = np.cumsum(counts)
-    flat = np.empty(starts[n], np.uint64)
-    sizes = np.empty(n, np.int64)
-    for d in nb.prange(n):
-        toks = np.empty(offsets[d + 1] - offsets[d] + 1, np.uint64)
-        nt = char_tokens(data, offsets[d], offsets[d + 1], toks) if char_mode else \
-            word_tokens(data, offsets[d], offsets[d + 1], toks)
-        w = min(ngram, nt)
-        s = starts[d]
-        for i in range(counts[d]):
-            flat[s + i] = shingle_hash(toks, i, w)
-        part = np.sort(flat[s:s + counts[d]])
-        k = 0
-        for i in range(part.size):
-            if i == 0 or part[i] != part[i - 1]:
-                flat[s + k] = part[i]
-                k += 1
-        sizes[d] = k
-    # compact away the duplicate slots left at the end of each document's run
-    out_off = np.zeros(n + 1, np.int64)
-    out_off[1:] = np.cumsum(sizes)
-    out = np.empty(out_off[n], np.uint64)
-    for d in nb.prange(n):
-        out[out_off[d]:out_off[d + 1]] = flat[starts[d]:starts[d] + sizes[d]]
-    return out, out_off
-
-
 def joined_text(df: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
     """The text columns of each row joined by a space (null counts as empty).
 
@@ -339,16 +301,3 @@ def exact_keys(df: pl.DataFrame, columns: Sequence[str]) -> np.ndarray:
             key = (key ^ h) * np.uint64(0x9E3779B97F4A7C15)
             key ^= key >> np.uint64(31)
     return key
-
-
-def shingle_sets(texts: pl.Series, *, ngram: int = 5, shingle: str = "word") -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct 64-bit shingle hashes per text: (flat, offsets); text i is flat[off[i]:off[i+1]].
-
-    >>> flat, off = shingle_sets(pl.Series(["a b c", "A, b. C!"]), ngram=2)
-    >>> list(flat[off[0]:off[1]]) == list(flat[off[1]:off[2]])
-    True
-    """
-    if shingle not in ("word", "char"):
-        raise ValueError(f"shingle must be 'word' or 'char', got {shingle!r}")
-    data, offsets = utf8_buffer(texts)
-    return _shingle_sets(data, offsets, ngram, shingle == "char")

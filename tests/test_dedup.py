@@ -15,7 +15,7 @@ from synthloop.filters.dedup_cli import main as dedup_main
 from synthloop.filters.exact import ExactConfig, ExactDedup
 from synthloop.filters.lsh import lsh_probability, optimal_bands_rows, signature_cut
 from synthloop.filters.minhash import MinHashConfig, MinHashDedup, MinHasher, jaccard_estimate
-from synthloop.filters.normalize import exact_keys, shingle_sets
+from synthloop.filters.normalize import exact_keys
 from synthloop.core.schema import make_batch
 from synthloop.core.stages import per_batch
 
@@ -80,7 +80,7 @@ def test_word_shingles_match_python_regex_tokenisation():
     rng = random.Random(0)
     texts = [_text(rng, rng.randrange(1, 40)) + " Ça, c'est l'été! naïve_café 3.14" for _ in range(50)]
     texts += ["", "   ", "one", "two words"]
-    flat, off = shingle_sets(pl.Series(texts), ngram=5)
+    *_, (flat, off) = MinHasher(ngram=5).hash(pl.Series(texts), sets=True)
     for i, t in enumerate(texts):
         assert off[i + 1] - off[i] == (len(_py_shingles(t)) if re.findall(r"\w+", t) else 0), t
 
@@ -215,8 +215,8 @@ def test_verify_removes_false_positives():
     batch = make_batch(rows)
     # a permissive S-curve makes many candidates below the threshold
     loose = dict(text_columns=["instruction"], threshold=0.7, bands=32, rows=2)
-    dropped_sig = np.array(_reasons(MinHashDedup(MinHashConfig(**loose)).mark(batch))[1::2]) != None  # noqa: E711
-    dropped_ver = np.array(_reasons(MinHashDedup(MinHashConfig(**loose, verify=True)).mark(batch))[1::2]) != None  # noqa: E711
+    dropped_sig = np.array(_reasons(MinHashDedup(MinHashConfig(**loose, verify=False)).mark(batch))[1::2]) != None  # noqa: E711
+    dropped_ver = np.array(_reasons(MinHashDedup(MinHashConfig(**loose)).mark(batch))[1::2]) != None  # noqa: E711
     below = truth < 0.7
     assert below.sum() > 50 and (~below).sum() > 10
     assert dropped_sig[below].sum() > 0                  # the estimate lets some through ...
