@@ -8,8 +8,8 @@ Layout of ``runs/<name>/``::
     pending/kept-<commit>.parquet     rows not yet filling a shard, carried to the next commit
 
 Crash safety: every file is written under a temp name and renamed, and the manifest is replaced
-last. On open, files the manifest does not list (written after the last commit) are removed, so
-a resumed run continues from exactly what was committed.
+last. On open, files the manifest does not list (written after the last commit) and the temporary
+files of a killed writer are removed, so a resumed run continues from exactly what was committed.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import polars as pl
 
 from synthloop.core.schema import SCHEMA
 from synthloop.outputs.manifest import FORMAT, load_manifest, save_manifest
-from synthloop.outputs.shards import REJECTS_SCHEMA, ShardSeries, fsync_dir, scan_shards, write_parquet_atomic
+from synthloop.outputs.shards import (REJECTS_SCHEMA, ShardSeries, fsync_dir, remove_stale_temps, scan_shards,
+                                      write_parquet_atomic)
 
 
 class ConfigMismatch(RuntimeError):
@@ -79,6 +80,7 @@ class RunStore:
         return {e["path"] for e in m["shards"] + m["rejects"]} | set(m.get("pending", {}).values())
 
     def _remove_uncommitted(self) -> None:
+        remove_stale_temps(self.dir / "manifest.json")      # a manifest write cut short by a kill
         listed = self._listed()
         for sub in ("data", "rejects", "pending"):
             for f in (self.dir / sub).glob("*") if (self.dir / sub).is_dir() else []:

@@ -7,6 +7,7 @@ and never loses rows.
 """
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Iterable
@@ -25,6 +26,7 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path, *, compression: str = "zs
     >>> write_parquet_atomic(pl.DataFrame({"a": [1]}), Path("/tmp/_sl_doc.parquet"))
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         df.write_parquet(tmp, compression=compression, statistics=True)
@@ -33,6 +35,25 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path, *, compression: str = "zs
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files writers of `path` that were killed left (``.<name>.tmp-<pid>``
+    of a pid no longer running); a live writer's file is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def fsync_dir(directory: Path) -> None:

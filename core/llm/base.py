@@ -47,6 +47,7 @@ class Stats:
     calls: int = 0                # generate() calls that reached the model
     requests: int = 0             # requests the model answered (errors included)
     errors: int = 0
+    retries: int = 0              # attempts repeated after a transient failure (openai backend)
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0

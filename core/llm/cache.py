@@ -123,6 +123,7 @@ class CachedLLM:
     def _store(self, keys: list[str], miss: list[int], got: list[Completion], found: dict) -> None:
         self.stats.calls += 1
         self.stats.add(got)
+        self.stats.retries = self.inner.stats.retries     # only the backend sees its retries
         self.cache.put({keys[i]: c for i, c in zip(miss, got)})
         found.update((keys[i], c) for i, c in zip(miss, got))
 
