@@ -36,6 +36,13 @@ class RunSection:
     in_flight: int = 0            # requests kept in flight; 0 = the backend's default (vllm: 64 on a CPU)
     ray: dict = field(default_factory=dict)   # [run.ray]: see RaySection (only read by the ray executor)
 
+    def __post_init__(self):
+        # The run directory defaults to runs/<name>: a name must not lead anywhere else.
+        if not self.name.strip() or self.name in (".", "..") or any(c in self.name for c in "/\\") \
+                or not self.name.isprintable():
+            raise ValueError(f"'name' must be a plain name without '/', '..' or control characters, got {self.name!r} "
+                             f"(set 'out' to put the run directory elsewhere)")
+
 
 @dataclass
 class RaySection:
@@ -188,6 +195,11 @@ def parse_config(text: str, *, path: str = "<config>", extra_tables: tuple[str, 
         raise ConfigError(f"{where(path, text, 'llm')}: 'llm' must be tables [llm.<role>], got {_toml_type(llm_tables)}")
     llm = {role: from_dict(BackendSpec, spec, path=path, text=text, table=f"llm.{role}")
            for role, spec in llm_tables.items()}
+    for role, spec in llm.items():
+        if isinstance(spec.options, dict) and "api_key" in spec.options:
+            # The config text is copied into every manifest and dataset card.
+            raise ConfigError(f"{where(path, text, 'api_key')}: [llm.{role}] options.api_key: never put a key in a "
+                              f"config; name an environment variable (api_key_env) or a file (api_key_file)")
     seeds = from_dict(SeedsSection, raw.get("seeds", {}), path=path, text=text, table="seeds")
     source = raw.get("source", {"type": "self_instruct"})
     stages = raw.get("stages", [])

@@ -32,24 +32,29 @@ SUBCOMMAND_MODULES: list[str] = [
 
 def _run(args) -> int:
     from synthloop.core.config import load_config
+    from synthloop.engine.logs import engine_logs
     from synthloop.engine.runner import execute
 
     cfg = load_config(args.config)
     _place(cfg.run, args)
-    manifest = execute(cfg, out=args.out, limit=args.limit, show_progress=not args.quiet)
+    run_dir = args.out or cfg.run.out or f"runs/{cfg.run.name}"
+    with engine_logs(run_dir, verbose=args.verbose):
+        manifest = execute(cfg, out=args.out, limit=args.limit, show_progress=not args.quiet)
     kept = manifest["stages"][-1]["kept"] if manifest.get("stages") else 0
-    print(json.dumps({"run_dir": str(args.out or cfg.run.out or f"runs/{cfg.run.name}"), "records": kept,
+    print(json.dumps({"run_dir": str(run_dir), "records": kept,
                       "shards": len(manifest["shards"]), "rejected": sum(s["dropped_total"] for s in manifest["stages"]),
                       "complete": manifest["complete"]}))
     return 0
 
 
 def _rounds(args) -> int:
+    from synthloop.engine.logs import engine_logs
     from synthloop.engine.rounds import load_rounds_config, run_rounds
 
     cfg = load_rounds_config(args.config)
     _place(cfg.run.run, args)
-    entries = run_rounds(cfg, args.out, show_progress=not args.quiet)
+    with engine_logs(args.out or cfg.run.run.out or f"runs/{cfg.run.run.name}", verbose=args.verbose):
+        entries = run_rounds(cfg, args.out, show_progress=not args.quiet)
     print(json.dumps([{"round": e["round"], "records": e.get("records"), "loss": e["eval"].get("loss"),
                        "previous_loss": e["eval"].get("previous_loss"), "win_rate": e["eval"].get("win_rate")}
                       for e in entries]))
@@ -94,12 +99,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: [run] out, else runs/<name>)")
     r.add_argument("--limit", type=int, help="stop once this many records are kept")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--verbose", action="store_true", help="also show engine logs (always in RUN_DIR/engine.log)")
     _executor_flags(r)
     r.set_defaults(fn=_run)
     rr = sub.add_parser("rounds", help="self-improvement rounds: generate, curate, LoRA-train, evaluate")
     rr.add_argument("config")
     rr.add_argument("--out", help="rounds directory (default: [run] out, else runs/<name>)")
     rr.add_argument("--quiet", action="store_true")
+    rr.add_argument("--verbose", action="store_true", help="also show engine logs (always in OUT/engine.log)")
     _executor_flags(rr)
     rr.set_defaults(fn=_rounds)
     m = sub.add_parser("models", help="manage the embedded model")
@@ -124,6 +131,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     from synthloop.core.config import ConfigError
+    from synthloop.outputs.paths import UnsafePath
     from synthloop.outputs.run_store import ConfigMismatch
     from synthloop.seeds.loaders import SeedError
 
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
-    except (ConfigError, SeedError, ConfigMismatch) as e:
+    except (ConfigError, SeedError, ConfigMismatch, UnsafePath) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

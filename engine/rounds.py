@@ -40,6 +40,7 @@ import polars as pl
 from synthloop.core.config import ConfigError, RunConfig, from_dict, parse_config, parse_toml, read_config_text, where
 from synthloop.core.registry import names
 from synthloop.core.llm.base import BackendSpec
+from synthloop.outputs.paths import inside
 from synthloop.outputs.rounds import load_base, load_rounds, record_base, record_round
 from synthloop.outputs.run_reader import kept_paths, read_kept
 from synthloop.tuner.sft import TrainConfig
@@ -204,12 +205,14 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
     seeds: str | None = None
     earlier: list[Path] = []
     for r in range(cfg.rounds.count):
-        rdir = out / f"round-{r:02d}"
+        rdir = inside(out, f"round-{r:02d}", what="round folder")
         if r in done and done[r].get("eval"):
-            adapter, seeds = done[r]["adapter"] and str(out / done[r]["adapter"]), done[r].get("next_seeds")
+            # rounds.json is data: the paths it names must stay inside the rounds directory.
+            adapter = done[r]["adapter"] and str(inside(out, done[r]["adapter"], what="rounds.json adapter"))
+            seeds = done[r].get("next_seeds")
             previous_bench = done[r]["eval"].get("benchmark") or previous_bench
             previous_loss = done[r]["eval"].get("loss")
-            seeds = seeds and str(out / seeds)
+            seeds = seeds and str(inside(out, seeds, what="rounds.json next_seeds"))
             earlier.append(rdir)
             print(f"round {r}: already complete", file=sys.stderr)
             continue

@@ -6,7 +6,10 @@ any) and the exact config text, all read from the manifests and the committed sh
 """
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -35,7 +38,13 @@ COLUMNS = {
 
 
 def _cell(v) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    """A table cell: Markdown renders inline HTML, so text from configs and data is escaped."""
+    return html.escape(str(v), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text`, so the text cannot close it."""
+    return "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
 
 
 def _md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -65,11 +74,11 @@ def render_card(run_dir: str | Path) -> str:
     first = runs[0][2]
     name = first.get("name", run_dir.name)
     complete = all(m.get("complete") for _, _, m in runs)
-    lines = ["---", f"pretty_name: {name}", *_language_yaml(kept), "task_categories:", "- text-generation",
+    lines = ["---", f"pretty_name: {json.dumps(name)}", *_language_yaml(kept), "task_categories:", "- text-generation",
              "tags:", "- synthetic", "- instruction-tuning", "- synthloop",
              "size_categories:", f"- {_size_category(kept.height)}",
              "configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {data_glob}",
-             "---", "", f"# {name}", "",
+             "---", "", f"# {html.escape(name, quote=False)}", "",
              f"Synthetic instruction/response data grown from seed tasks by synthloop: {kept.height} records"
              + (f" over {len(runs)} rounds" if is_rounds else "") + "."
              + ("" if complete else " **The run is not complete**: rows not yet filling a shard are held in "
@@ -126,9 +135,10 @@ def render_card(run_dir: str | Path) -> str:
                              _num((r.get("eval") or {}).get("win_rate"))] for r in rounds])
 
     seeds = first.get("seeds", {})
+    config = (first.get("config") or "").rstrip()
     lines += ["## Seeds", "", f"{seeds.get('records', '?')} seed records from `{seeds.get('path', '?')}`.", "",
               "## Config", "", f"From `{first.get('config_path', '')}` (config hash {first.get('config_hash', '')}):", "",
-              "```toml", (first.get("config") or "").rstrip(), "```", ""]
+              _fence(config) + "toml", config, _fence(config), ""]
     return "\n".join(lines)
 
 

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.core.schema import SCORES
+from synthloop.core.schema import SCHEMA, SCORES
 from synthloop.outputs.manifest import load_manifest
+from synthloop.outputs.paths import inside
 from synthloop.outputs.rounds import load_base, load_rounds
-from synthloop.outputs.run_reader import read_kept, read_rejects, run_dirs
+from synthloop.outputs.run_reader import kept_paths, read_kept, read_rejects, run_dirs
+from synthloop.outputs.shards import scan_shards
 
 KEPT, DROPPED = "#2b7bba", "#d9534f"
+EXAMPLES = 5          # kept records shown per run, as text (escaped: it is model output)
 
 
 @dataclass
@@ -30,6 +33,7 @@ class RunData:
     manifest: dict
     kept: pl.DataFrame        # method, scores
     rejects: pl.DataFrame     # method, scores, drop_reason, drop_stage
+    examples: pl.DataFrame    # method, instruction, response of the first few kept records
 
     @property
     def label(self) -> str:
@@ -42,8 +46,14 @@ def load_runs(run_dir: str | Path) -> list[RunData]:
     for rnd, path in run_dirs(run_dir):
         runs.append(RunData(rnd, path, load_manifest(path) or {},
                             read_kept(path, ["method", "scores"]),
-                            read_rejects(path, ["method", "scores", "drop_reason", "drop_stage"])))
+                            read_rejects(path, ["method", "scores", "drop_reason", "drop_stage"]),
+                            scan_shards(kept_paths(path), SCHEMA).select("method", "instruction", "response")
+                            .head(EXAMPLES).collect()))
     return runs
+
+
+def _clip(text: str, n: int = 300) -> str:
+    return text if len(text) <= n else text[:n] + " ..."
 
 
 def _figure(width: float, height: float):
@@ -260,6 +270,10 @@ def render_html(run_dir: Path, runs: list[RunData], rounds: list[dict], plots: l
                             [[s["name"], s["in"], s["created"], s["kept"], s["dropped_total"],
                               ", ".join(f"{k}: {v}" for k, v in s.get("dropped", {}).items())]
                              for s in r.manifest.get("stages", [])]))
+        if r.examples.height:
+            parts.append(f"<h3>{html.escape(r.label)}: first kept records</h3>")
+            parts.append(_table(["method", "instruction", "response"],
+                                [[m, _clip(i), _clip(a)] for m, i, a in r.examples.rows()]))
     if rounds:
         parts.append("<h2>rounds</h2>")
         parts.append(_table(["round", "run dir", "adapter", "train steps", "final train loss", "held-out loss",
@@ -295,7 +309,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     runs = load_runs(run_dir)
     rounds = load_rounds(run_dir)
-    out = run_dir / "report"
+    out = inside(run_dir, "report", what="report folder")     # a symlink out of the run is refused
     out.mkdir(parents=True, exist_ok=True)
     fields = score_fields(runs)
     made = [("Funnel", plot_funnel(runs, out / "funnel.png")),

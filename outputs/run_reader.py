@@ -16,16 +16,17 @@ import polars as pl
 
 from synthloop.core.schema import SCHEMA
 from synthloop.outputs.manifest import load_manifest
+from synthloop.outputs.paths import inside
 from synthloop.outputs.shards import REJECTS_SCHEMA, scan_shards
 
 _ROUND = re.compile(r"^round-(\d+)$")
 
 
 def _paths(run_dir: Path, manifest: dict, key: str, pending_key: str) -> list[Path]:
-    paths = [run_dir / e["path"] for e in manifest.get(key, [])]
+    paths = [inside(run_dir, e["path"], what="manifest path") for e in manifest.get(key, [])]
     pending = (manifest.get("pending") or {}).get(pending_key)
     if pending:   # rows not yet filling a shard are committed too
-        paths.append(run_dir / pending)
+        paths.append(inside(run_dir, pending, what="manifest path"))
     return paths
 
 

@@ -21,6 +21,7 @@ import polars as pl
 
 from synthloop.core.schema import SCHEMA
 from synthloop.outputs.manifest import FORMAT, load_manifest, save_manifest
+from synthloop.outputs.paths import confine
 from synthloop.outputs.shards import (REJECTS_SCHEMA, ShardSeries, fsync_dir, remove_stale_temps, scan_shards,
                                       write_parquet_atomic)
 
@@ -46,7 +47,11 @@ class RunStore:
     # -- opening and resuming ---------------------------------------------------------------
     def open(self, *, meta: dict) -> dict | None:
         """Load the last commit (or start fresh); returns the previous manifest, if any."""
+        confine(self.dir, ("manifest.json", "data", "rejects", "pending"), what="run file")
         prev = load_manifest(self.dir)
+        if prev is not None:     # resume reads, and cleans up next to, every path the manifest lists
+            confine(self.dir, [e.get("path") for e in prev.get("shards", []) + prev.get("rejects", [])]
+                    + list(prev.get("pending", {}).values()), what="manifest path")
         if prev is not None and prev.get("config_hash") != self.config_hash:
             raise ConfigMismatch(
                 f"{self.dir}: made by a different config (hash {prev.get('config_hash')} != "
