@@ -213,12 +213,18 @@ def _grep_key(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
 
 
-@pytest.mark.parametrize("reject", [False, True], ids=["answered", "rejected-with-key-echoed"])
-def test_api_key_from_the_environment_reaches_the_server_and_nothing_else(tmp_path, monkeypatch, reject):
-    monkeypatch.setenv("SYNTHLOOP_TEST_API_KEY", KEY)
+@pytest.mark.parametrize("source,reject", [("env", False), ("env", True), ("file", False)],
+                         ids=["env", "env-rejected-with-key-echoed", "file"])
+def test_api_key_reaches_the_server_and_nothing_else(tmp_path, tmp_path_factory, monkeypatch, source, reject):
+    if source == "env":
+        monkeypatch.setenv("SYNTHLOOP_TEST_API_KEY", KEY)
+        where = 'api_key_env = "SYNTHLOOP_TEST_API_KEY"'
+    else:
+        key_file = tmp_path_factory.mktemp("secrets") / "key.txt"     # outside the tree searched below
+        key_file.write_text(KEY + "\n")
+        where = f'api_key_file = "{key_file}"'
     with openai_server(reject) as (url, handler):
-        llm = (f'backend = "openai"\nmodel = "m"\noptions = {{ base_url = "{url}", '
-               f'api_key_env = "SYNTHLOOP_TEST_API_KEY", max_retries = 0 }}')
+        llm = f'backend = "openai"\nmodel = "m"\noptions = {{ base_url = "{url}", {where}, max_retries = 0 }}'
         cfg = _config(tmp_path, llm=llm, cache=str(tmp_path / "req.sqlite"),
                       stages='[[stages]]\ntype = "distill"\nrole = "generator"\n[[stages]]\ntype = "judge"\n')
         run = tmp_path / "run"
