@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import polars as pl
 
+from synthloop.core.jsonl import JsonlError, decode, read_bytes, read_jsonl, text_lines
 from synthloop.core.schema import SCHEMA, SeedSet, conform, make_batch
 
 FORMATS = ("auto", "self_instruct", "alpaca", "sharegpt", "jsonl", "parquet", "txt")
@@ -32,51 +33,9 @@ def bundled_path() -> Path:
     return Path(str(resources.files("synthloop.seeds") / "data" / "seed_tasks.jsonl"))
 
 
-def _decode(path: Path, data: bytes, first_line: int = 1) -> str:
-    """`data` as UTF-8, or a SeedError naming the line of the first byte that is not."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data.count(b"\n", 0, e.start)
-        raise SeedError(path, line, None, f"not UTF-8 text (byte 0x{data[e.start]:02x})") from None
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes().removeprefix(b"\xef\xbb\xbf")    # a BOM is not part of the first record
-    except OSError as e:
-        raise SeedError(path, None, None, f"cannot read ({e.strerror or e})") from None
-
-
-def _loads(path: Path, line: int, text: str) -> Any:
-    """One JSON value; anything json cannot take (bad syntax, a 5000-digit number, nesting deeper
-    than Python's stack) is a SeedError, not a traceback."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SeedError(path, line + e.lineno - 1, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
-    except ValueError as e:
-        raise SeedError(path, line, None, f"not valid JSON ({e})") from None
-    except RecursionError:
-        raise SeedError(path, line, None, "not valid JSON (nested too deeply)") from None
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Non-blank lines of a UTF-8 text file with their 1-based numbers."""
-    for n, raw in enumerate(_read(path).split(b"\n"), 1):
-        line = _decode(path, raw, n)
-        if line.strip():
-            yield n, line
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    for n, line in _lines(path):
-        yield n, _loads(path, n, line)
-
-
 def _json_array(path: Path) -> Iterator[tuple[int, Any]]:
     """Elements of a top-level JSON array with the line each starts on."""
-    text = _decode(path, _read(path))
+    text = decode(path, read_bytes(path))
     dec = json.JSONDecoder()
     i = len(text) - len(text.lstrip())
     if not text[i:i + 1] == "[":
@@ -129,7 +88,7 @@ def _str(path, line, obj: dict, key: str, *, required: bool = True, label: str =
 
 def _self_instruct(path: Path) -> SeedSet:
     rows, clf = [], set()
-    for line, obj in _jsonl(path):
+    for line, obj in read_jsonl(path):
         ins = _str(path, line, obj, "instruction")
         inst = obj.get("instances")
         if not isinstance(inst, list) or not inst:
@@ -218,7 +177,7 @@ def _parquet(path: Path, fields: dict) -> SeedSet:
 
 
 def _txt(path: Path) -> SeedSet:
-    return _finish([{"instruction": line.strip(), "method": "seed"} for _, line in _lines(path)])
+    return _finish([{"instruction": line.strip(), "method": "seed"} for _, line in text_lines(path)])
 
 
 def _finish(rows: list[dict], clf_instructions: set[str] = frozenset()) -> SeedSet:
@@ -239,7 +198,7 @@ def detect_format(path: Path) -> str:
         for _, first in _json_array(path):
             break
     else:
-        for _, first in _jsonl(path):
+        for _, first in read_jsonl(path):
             break
     if not isinstance(first, dict):
         raise SeedError(path, 1, None, "cannot tell the seed format: no JSON object records (set seeds.format)")
@@ -265,9 +224,18 @@ def load_seeds(path: str | Path = BUNDLED, *, format: str = "auto", fields: dict
         raise SeedError(path, None, None, "no such file")
     if not path.is_file():
         raise SeedError(path, None, None, "not a file")
+    try:
+        seeds = _load(path, format, fields or {})
+    except JsonlError as e:       # unreadable bytes or JSON, with its line
+        raise SeedError(e.path, e.line, None, e.msg) from None
+    if not len(seeds):
+        raise SeedError(path, None, None, "holds no seed tasks")
+    return seeds
+
+
+def _load(path: Path, format: str, fields: dict) -> SeedSet:
     fmt = detect_format(path) if format == "auto" else format
-    fields = fields or {}
-    json_items = (lambda: _json_array(path)) if path.suffix.lower() == ".json" else (lambda: _jsonl(path))
+    json_items = (lambda: _json_array(path)) if path.suffix.lower() == ".json" else (lambda: read_jsonl(path))
     if fmt == "self_instruct":
         seeds = _self_instruct(path)
     elif fmt == "alpaca":
@@ -280,6 +248,4 @@ def load_seeds(path: str | Path = BUNDLED, *, format: str = "auto", fields: dict
         seeds = _parquet(path, fields)
     else:
         seeds = _txt(path)
-    if not len(seeds):
-        raise SeedError(path, None, None, "holds no seed tasks")
     return seeds

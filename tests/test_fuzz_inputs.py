@@ -1,5 +1,5 @@
 """Hostile input files never give a traceback: seed files, TOML configs (run and rounds, with
-the constraints stage's custom checks), and benchmark files in IFEval's format.
+the constraints stage's custom checks), benchmark files in IFEval's format and held-out files.
 
 Each file goes through the `synthloop` entry point in-process; a file it refuses must give exit 2
 and exactly one stderr line, ``error: FILE[:LINE]: ...``, naming the line where the problem is on
@@ -25,6 +25,7 @@ from synthloop.core.config import ConfigError, load_config
 from synthloop.engine.cli import main
 from synthloop.engine.rounds import load_rounds_config
 from synthloop.tuner.benchmark import BenchmarkError, load_benchmark
+from synthloop.tuner.heldout import load_heldout
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -320,3 +321,19 @@ def test_benchmark_items_with_random_fields(key, prompt, ids, kwargs):
             return                                  # valid: the CLI would load a model to answer it
         rc, _, err = cli("eval", "--benchmark", "ifeval", str(path), "--backend", "transformers")
         assert_refused(rc, err, path, line=2)
+
+
+# ---------------------------------------------------------------------------------- held-out files
+
+@FUZZ
+@given(data=st.binary(max_size=200) | st.lists(seed_records | json_values, min_size=1, max_size=3).map(
+    lambda rs: "\n".join(json.dumps(r, ensure_ascii=False) for r in rs).encode("utf-8", "surrogatepass")))
+def test_heldout_files_fail_with_their_line(data):
+    """`eval --heldout` and `[rounds] heldout` read this before any model loads."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "heldout.jsonl"
+        path.write_bytes(b'{"instruction": "Add 2 and 3.", "output": "5"}\n' + data)
+        try:
+            load_heldout(path)
+        except ValueError as e:
+            assert "\n" not in str(e) and re.match(rf"{re.escape(str(path))}(:\d+)?: ", str(e)), str(e)

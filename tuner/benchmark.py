@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
+from synthloop.core.jsonl import JsonlError, read_jsonl
 from synthloop.filters import checks
 from synthloop.core.llm import BackendSpec, Completion, open_llm
 from synthloop.tuner.evaluate import student_spec
@@ -91,25 +92,12 @@ def load_benchmark(path: str | os.PathLike | None = None) -> list[dict]:
     {'key': 1, 'prompt': 'Answer without commas.', 'instruction_id_list': ['punctuation:no_comma'], 'kwargs': [{}]}
     """
     path = Path(path) if path is not None else bundled_benchmark()
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BenchmarkError(f"{path}: cannot read ({e.strerror or e})") from None
     items, seen, known = [], {}, set(checks.known_ids())
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BenchmarkError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except (ValueError, RecursionError) as e:    # a 5000-digit number, nesting deeper than the stack
-            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            raise BenchmarkError(f"{path}:{n}: not valid JSON ({why})") from None
+    try:
+        lines = list(read_jsonl(path))
+    except JsonlError as e:
+        raise BenchmarkError(str(e)) from None
+    for n, obj in lines:
         item = _item(obj, f"{path}:{n}", known)
         # 7 and "7" are one key to whoever joins responses by key.
         if str(item["key"]) in seen:

@@ -6,10 +6,10 @@ project, checked not to overlap the bundled seeds); pass another file for your d
 """
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
+from synthloop.core.jsonl import read_jsonl
 from synthloop.core.schema import to_messages
 
 
@@ -26,13 +26,7 @@ def load_heldout(path: str | Path | None = None) -> list[dict]:
     """
     path = Path(path) if path is not None else bundled_heldout()
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, obj in read_jsonl(path):       # JsonlError (a ValueError) names the line
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{n}: expected an object")
         unknown = set(obj) - {"instruction", "input", "output"}
@@ -43,6 +37,8 @@ def load_heldout(path: str | Path | None = None) -> list[dict]:
                 raise ValueError(f"{path}:{n}: '{key}' must be a non-empty string")
         if not isinstance(obj.get("input", ""), str):
             raise ValueError(f"{path}:{n}: 'input' must be a string")
+        if any("\ud800" <= ch <= "\udfff" for v in obj.values() if isinstance(v, str) for ch in v):
+            raise ValueError(f"{path}:{n}: not valid Unicode (a lone surrogate)")
         items.append({"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"]})
     if not items:
         raise ValueError(f"{path}: no held-out pairs")
