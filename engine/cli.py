@@ -15,6 +15,7 @@ after committing what it had.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import signal
@@ -145,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # The failed write was never committed: the last commit stands, and so does the cache.
+        print(f"error: {e.filename or ''}: {e.strerror}; free space and rerun the same command "
+              f"to continue from the last commit", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

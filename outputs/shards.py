@@ -8,6 +8,7 @@ and never loses rows.
 from __future__ import annotations
 
 import glob
+import io
 import os
 from pathlib import Path
 from typing import Iterable
@@ -28,11 +29,18 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path, *, compression: str = "zs
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Encoded in memory, written with Python's own file calls: a full disk then raises OSError
+    # (ENOSPC) naming the file; polars' own writer reports it as an unrelated format error.
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression=compression, statistics=True)
     try:
-        df.write_parquet(tmp, compression=compression, statistics=True)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

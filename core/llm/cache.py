@@ -14,8 +14,10 @@ while it is 0, a run is replaying answers it already has (executors then do no s
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -75,9 +77,14 @@ class RequestCache:
         rows = [(k, c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)
                 for k, c in items.items() if c.ok]
         if rows:
-            with self.lock, self.db:   # one transaction: all of a call's answers, or none
-                self.db.execute("BEGIN")
-                self.db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)", rows)
+            try:
+                with self.lock, self.db:   # one transaction: all of a call's answers, or none
+                    self.db.execute("BEGIN")
+                    self.db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)", rows)
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path)) from None
+                raise
 
     def __len__(self) -> int:
         with self.lock:
