@@ -7,9 +7,10 @@ executor streams them in), and Ray Data runs:
 - exact: a key per row (filters/normalize.py) -> grouped by key across blocks -> every row
   after the first of its key is a duplicate.
 - minhash: signatures and LSH band fingerprints per piece -> rows grouped by fingerprint across
-  blocks (a hash-partitioned group-by) -> candidate pairs -> each pair joined with the two rows'
-  check data (low 8 bits of the signature, or sorted shingle hashes with ``verify``) and checked
-  exactly as `LSHIndex` checks it -> verified duplicate pairs.
+  blocks (a hash-partitioned group-by) -> candidate pairs -> pairs bucketed by their first row,
+  each row's check data (sorted shingle hashes, or the signature's low 8 bits with ``verify =
+  false``) sent once to every bucket holding one of its pairs (a second group-by) -> pairs checked
+  exactly as `LSHIndex` checks them -> verified duplicate pairs.
 - semantic: embeddings per piece on actors (the encoder loads once per actor) -> spherical
   k-means fitted on a sample -> every vector goes to its nearest centroid and, as a replica, to
   every centroid within twice the threshold angle of that, so any pair with cosine >= threshold
@@ -20,9 +21,9 @@ duplicate, never per record): connected components of the pair graph, and inside
 executor's keep-first rule, which is what the streaming index computes: in input order, a row is
 dropped when a pair links it to an earlier row that was kept; preloaded rows are always kept. The
 same input and settings therefore give the same kept ids as the local executor (a test checks
-all three methods). A last pass writes each piece's kept rows and rejects. Tasks are retried
-when a worker dies (``max_retries``); every pass is a pure function of its piece, so a retry
-cannot lose or repeat a row.
+all three methods). A last pass writes each piece's kept rows and rejects. Ray reruns a task
+whose worker died (3 times by default); every pass is a pure function of its input blocks, so a
+rerun cannot lose or repeat a row.
 """
 from __future__ import annotations
 
@@ -219,24 +220,42 @@ def _candidate_pairs(group: dict) -> dict:
     return {"a": a[keep], "b": b[keep]}
 
 
-def _verify(batch, verify: bool, threshold: float, cut: int):
+def _got(x):
+    """A value passed to tasks by reference (one copy in the object store, not one per task)."""
+    import ray
+
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
+def _route(batch, dest):
+    """Each row's check data once for every bucket holding one of its candidate pairs."""
+    d_ord, d_bucket = _got(dest)
+    ords = batch["ord"].to_numpy()
+    lo, hi = np.searchsorted(d_ord, ords), np.searchsorted(d_ord, ords, side="right")
+    n = hi - lo
+    row = np.repeat(np.arange(ords.size), n)
+    at = np.arange(row.size) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+    return _table(bucket=d_bucket[at], ord=ords[row], check=batch["check"].take(row))
+
+
+def _verify_bucket(group, pairs, verify: bool, threshold: float, cut: int):
+    """The candidate pairs of one bucket, checked as `LSHIndex` checks them; the verified ones."""
     from synthloop.filters.lsh import jaccard_pairs
 
-    a, b = batch["a"].to_numpy(), batch["b"].to_numpy()
+    a, b, bucket = _got(pairs)
+    ords = group["ord"].to_numpy()
+    mine = bucket == int(group["bucket"][0].as_py())
+    a, b = a[mine], b[mine]
+    order = np.argsort(ords)
+    ia, ib = order[np.searchsorted(ords, a, sorter=order)], order[np.searchsorted(ords, b, sorter=order)]
     if verify:
-        fa, oa = _unpacked(batch["check_a"], np.uint64)
-        fb, ob = _unpacked(batch["check_b"], np.uint64)
-        ok = jaccard_pairs(fa, oa, fb, ob) >= threshold
+        flat, off = _unpacked(group["check"], np.uint64)
+        ok = jaccard_pairs(flat, off, ia, ib) >= threshold
     else:
-        fa, _ = _unpacked(batch["check_a"], np.uint8)
-        fb, _ = _unpacked(batch["check_b"], np.uint8)
-        width = fa.size // max(a.size, 1)
-        ok = (fa.reshape(-1, width) == fb.reshape(-1, width)).sum(axis=1) >= cut
+        flat, _ = _unpacked(group["check"], np.uint8)
+        sig8 = flat.reshape(ords.size, -1)
+        ok = (sig8[ia] == sig8[ib]).sum(axis=1) >= cut
     return _table(a=a[ok], b=b[ok])
-
-
-def _renamed(batch, side):
-    return _table(**{side: batch["ord"], f"check_{side}": batch["check"]})
 
 
 # ---------------------------------------------------------------- semantic
@@ -443,14 +462,16 @@ def _minhash_pairs(work, cfg, columns, parts, stats):
     if a.size == 0:
         stats["verified_pairs"] = 0
         return a, b, stats
-    chunks = np.array_split(np.arange(a.size), min(parts, a.size))
-    pairs = ray.data.from_arrow([_table(a=a[c], b=b[c]) for c in chunks])
-    side_a = rows.map_batches(_renamed, batch_size=None, batch_format="pyarrow", fn_args=("a",))
-    side_b = rows.map_batches(_renamed, batch_size=None, batch_format="pyarrow", fn_args=("b",))
-    joined = pairs.join(side_a, "inner", parts, on=("a",)).join(side_b, "inner", parts, on=("b",))
+    # every pair goes to bucket a % parts; each row's check data travels once to every bucket
+    # holding one of its pairs (a hash-partitioned group-by, no join of the whole table)
+    bucket = a % parts
+    dest = np.unique(np.concatenate([a, b]) * parts + np.concatenate([bucket, bucket]))
+    dest_ref = ray.put((dest // parts, dest % parts))
+    pairs_ref = ray.put((a, b, bucket))
     cut = signature_cut(cfg.threshold, cfg.num_perm, cfg.check_margin)
-    ver = joined.map_batches(_verify, batch_size=None, batch_format="pyarrow",
-                             fn_args=(cfg.verify, float(cfg.threshold), cut))
+    ver = (rows.map_batches(_route, batch_size=None, batch_format="pyarrow", fn_args=(dest_ref,))
+           .groupby("bucket").map_groups(_verify_bucket, batch_format="pyarrow",
+                                         fn_args=(pairs_ref, cfg.verify, float(cfg.threshold), cut)))
     a, b = _columns(ver, "a", "b")
     stats["verified_pairs"] = int(a.size)
     return a, b, stats

@@ -91,8 +91,8 @@ def warm_up() -> float:
         MinHashDedup(MinHashConfig(text_columns=["t"], verify=verify, ngram=2)).mark(rows)
     MinHashDedup(MinHashConfig(text_columns=["t"], shingle="char")).mark(rows.head(3))
     ExactDedup(ExactConfig(text_columns=["t"])).mark(rows)
-    one, ends = np.ones(1, np.uint64), np.array([0, 1])
-    jaccard_pairs(one, ends, one, ends)     # the Ray executor's pair check
+    first = np.zeros(1, np.int64)
+    jaccard_pairs(np.ones(1, np.uint64), np.array([0, 1]), first, first)   # the Ray executor's check
     return time.perf_counter() - t0
 
 

@@ -99,11 +99,12 @@ def _jaccard(a, b):
 
 
 @kernel()
-def jaccard_pairs(fa, oa, fb, ob):
-    """Exact Jaccard of sorted distinct sets fa[oa[i]:oa[i+1]] and fb[ob[i]:ob[i+1]], per i."""
-    out = np.empty(oa.size - 1)
-    for i in range(out.size):
-        out[i] = _jaccard(fa[oa[i]:oa[i + 1]], fb[ob[i]:ob[i + 1]])
+def jaccard_pairs(flat, off, ia, ib):
+    """Exact Jaccard of sorted distinct sets number ia[i] and ib[i] (set k: flat[off[k]:off[k+1]])."""
+    out = np.empty(ia.size)
+    for i in range(ia.size):
+        a, b = ia[i], ib[i]
+        out[i] = _jaccard(flat[off[a]:off[a + 1]], flat[off[b]:off[b + 1]])
     return out
 
 
