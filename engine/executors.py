@@ -22,7 +22,8 @@ cache (`speculate()` is false), the pipelined executor admits one batch at a tim
 launch no step ahead, exactly like the sequential executor; the first request the cache cannot
 answer is needed work, and from then on the run pipelines.
 
-A Ray executor would implement the same `run` with the same commit point.
+The ray executor (engine/ray_executor.py) is the pipelined one with its engines and function stages
+on a Ray cluster: the same `run`, the same commit point.
 """
 from __future__ import annotations
 

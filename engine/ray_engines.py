@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -74,6 +75,7 @@ class EnginePool:
         self.default_in_flight = sum(i[1] for i in info)
         self.stats = Stats()
         self.in_flight = 0
+        self.lock = threading.Lock()           # `generate` runs in worker threads beside the event loop
         self.resent = 0                        # requests sent again after their engine died
         self.load = [0] * engines              # requests outstanding per actor
         self.down: set[int] = set()            # actors that died and have not answered since
@@ -89,7 +91,8 @@ class EnginePool:
         return min(up, key=lambda i: self.load[i])
 
     def _lost(self, i: int, err: Exception, n: int) -> None:
-        self.resent += n
+        with self.lock:
+            self.resent += n
         print(f"ray: engine {i} of {self.spec.model} lost ({type(err).__name__}); "
               f"{n} request(s) sent to another", file=sys.stderr)
         if i not in self.down:
@@ -102,25 +105,35 @@ class EnginePool:
     async def agenerate(self, requests: list[Request], params: Params) -> list[Completion]:
         plist = per_request(params, len(requests))
         n = len(requests)
-        self.in_flight += n
+        self._count(None, n)
         try:
             for attempt in range(len(self.actors) * (self.max_restarts + 1) + 1):
-                i = self._pick()
-                self.load[i] += n
+                with self.lock:
+                    i = self._pick()
+                    self.load[i] += n
                 try:
                     out = await self.actors[i].agenerate.remote(list(requests), plist)
                     break
                 except (RayActorError, ActorUnavailableError) as e:
                     self._lost(i, e, n)
                 finally:
-                    self.load[i] -= n
+                    self._count(i, -n)
             else:
                 raise RuntimeError(f"ray: every engine of {self.spec.model} died, restarts used up")
         finally:
-            self.in_flight -= n
-        self.stats.calls += 1
-        self.stats.add(out)
+            self._count(None, -n)
+        with self.lock:
+            self.stats.calls += 1
+            self.stats.add(out)
         return out
+
+    def _count(self, actor: int | None, n: int) -> None:
+        """Add n to the pool's requests in flight (actor None) or to one actor's."""
+        with self.lock:
+            if actor is None:
+                self.in_flight += n
+            else:
+                self.load[actor] += n
 
     def generate(self, requests: list[Request], params: Params) -> list[Completion]:
         """Blocking form, for synchronous stages (they run in worker threads, off the event loop)."""

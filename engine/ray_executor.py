@@ -27,7 +27,7 @@ from typing import Any, Callable
 import polars as pl
 import ray
 
-from synthloop.core.config import RaySection, RunConfig
+from synthloop.core.config import ConfigError, RaySection, RunConfig
 from synthloop.core.llm import BackendSpec, CachedLLM, RequestCache
 from synthloop.core.schema import conform, empty_batch
 from synthloop.core.stages import PerBatch
@@ -72,7 +72,11 @@ class RayCluster:
         self.owned = not ray.is_initialized()
         if self.owned:
             # "" asks Ray to find a cluster ($RAY_ADDRESS, one started on this machine) or start one.
-            ray.init(address=address or self.settings.address or None, log_to_driver=False)
+            where = address or self.settings.address or None
+            try:
+                ray.init(address=where, log_to_driver=False)
+            except ConnectionError as e:
+                raise ConfigError(f"{cfg.path}: cannot join a Ray cluster at {where or '$RAY_ADDRESS'}: {e}") from None
         res = ray.cluster_resources()
         print(f"ray: cluster of {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, "
               f"{res.get('GPU', 0):g} GPU", file=sys.stderr)

@@ -175,6 +175,29 @@ def test_engine_actor_killed_mid_run_loses_and_doubles_nothing(cluster, referenc
     assert len(set(ids(tmp_path / "ray"))) == len(ids(tmp_path / "ray"))
 
 
+def test_engine_pool_answers_blocking_calls_from_threads_beside_async_ones(cluster):
+    """Synchronous stages (scorers) call `generate` from worker threads while async stages await
+    `agenerate`: the answers are the backend's, and the pool's counters come back to zero."""
+    from scripted_llm import ScriptedLLM
+    from synthloop.core.llm import BackendSpec
+
+    pool = EnginePool(BackendSpec(model="m"), scripted_factory(latency=0.02), engines=2, num_gpus=0, num_cpus=0,
+                      max_restarts=0)
+    try:
+        reqs = [[{"role": "user", "content": f"Task number {i}"}] for i in range(40)]
+
+        async def both():
+            return await asyncio.gather(asyncio.to_thread(pool.generate, reqs[:20], {"seed": 1}),
+                                        pool.agenerate(reqs[20:], {"seed": 1}))
+        blocking, awaited = asyncio.run(both())
+        local = ScriptedLLM(name="scripted:m").generate(reqs, {"seed": 1})
+        assert [c.text for c in blocking + awaited] == [c.text for c in local]
+        assert pool.name == "scripted:m" and pool.default_in_flight == 2 * 64
+        assert pool.in_flight == 0 and pool.load == [0, 0] and pool.stats.requests == 40
+    finally:
+        pool.close()
+
+
 DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
