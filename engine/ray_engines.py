@@ -48,10 +48,14 @@ class Engine:
         self.llm.close()
 
 
-def placement(settings: Any, spec: BackendSpec, backends: int) -> tuple[int, float, float]:
-    """(engines, GPUs per engine, CPUs per engine) for one of the run's `backends` distinct
-    backends, from ``[run.ray]`` and the cluster's resources."""
-    gpus = ray.cluster_resources().get("GPU", 0)
+def placement(settings: Any, spec: BackendSpec, backends: int, gpus: float) -> tuple[int, float, float]:
+    """(engines, GPUs per engine, CPUs per engine) for one of the run's `backends` distinct model
+    backends on a cluster with `gpus` GPUs, from ``[run.ray]`` (a `RaySection`).
+
+    >>> from synthloop.core.config import RaySection
+    >>> placement(RaySection(), BackendSpec(backend="vllm"), 2, 8)
+    (4, 1.0, 1)
+    """
     per_gpu = settings.gpus_per_engine
     if per_gpu < 0:
         per_gpu = 1.0 if gpus and spec.backend in MODEL_BACKENDS else 0.0

@@ -31,7 +31,7 @@ from synthloop.core.config import ConfigError, RaySection, RunConfig
 from synthloop.core.llm import BackendSpec, CachedLLM, RequestCache
 from synthloop.core.schema import conform, empty_batch
 from synthloop.core.stages import PerBatch
-from synthloop.engine.ray_engines import EnginePool, placement
+from synthloop.engine.ray_engines import MODEL_BACKENDS, EnginePool, placement
 
 
 @ray.remote
@@ -68,7 +68,8 @@ class RayCluster:
     def __init__(self, cfg: RunConfig, factory: Callable, cache: RequestCache | None, address: str | None = None):
         self.settings = RaySection(**cfg.run.ray)
         self.factory, self.cache = factory, cache
-        self.backends = len({repr(dataclasses.asdict(s)) for s in cfg.llm.values()})
+        # The GPUs are shared among the distinct backends that run a model (HTTP clients need none).
+        self.backends = max(1, len({repr(dataclasses.asdict(s)) for s in cfg.llm.values() if s.backend in MODEL_BACKENDS}))
         self.owned = not ray.is_initialized()
         if self.owned:
             # "" asks Ray to find a cluster ($RAY_ADDRESS, one started on this machine) or start one.
@@ -82,7 +83,7 @@ class RayCluster:
               f"{res.get('GPU', 0):g} GPU", file=sys.stderr)
 
     def open_llm(self, spec: BackendSpec):
-        engines, gpus, cpus = placement(self.settings, spec, self.backends)
+        engines, gpus, cpus = placement(self.settings, spec, self.backends, ray.cluster_resources().get("GPU", 0))
         pool = EnginePool(spec, self.factory, engines=engines, num_gpus=gpus, num_cpus=cpus,
                           max_restarts=self.settings.max_restarts)
         return CachedLLM(pool, self.cache, spec.backend) if self.cache is not None else pool

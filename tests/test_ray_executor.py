@@ -19,10 +19,10 @@ import pytest
 import ray
 
 from scripted_llm import scripted_factory
-from synthloop.core.config import ConfigError, parse_config
+from synthloop.core.config import ConfigError, RaySection, parse_config
 from synthloop.core.registry import register
 from synthloop.engine import ray_executor
-from synthloop.engine.ray_engines import EnginePool
+from synthloop.engine.ray_engines import EnginePool, placement
 from synthloop.engine.ray_executor import RemoteStage
 from synthloop.engine.runner import execute
 from synthloop.outputs.manifest import count_problems
@@ -303,3 +303,15 @@ def test_cli_joins_a_cluster_and_runs_the_transformers_backend_in_an_actor(clust
     assert m["llm"]["last_process"]["requests"] == 7 and m["stages"][-1]["kept"] + m["stages"][1]["dropped_total"] == 7
     assert m["stages"][-1]["kept"] > 0         # the shards hold the engine's text
     assert files(tmp_path / "ray") == files(tmp_path / "local")
+
+
+def test_placement_gives_each_model_backend_its_share_of_the_gpus():
+    from synthloop.core.llm import BackendSpec
+
+    vllm, openai = BackendSpec(backend="vllm"), BackendSpec(backend="openai")
+    assert placement(RaySection(), vllm, 1, 8) == (8, 1.0, 1)              # one engine per GPU
+    assert placement(RaySection(), vllm, 2, 8) == (4, 1.0, 1)              # generator + teacher
+    assert placement(RaySection(gpus_per_engine=2), vllm, 1, 8) == (4, 2, 1)   # tensor parallel 2
+    assert placement(RaySection(), vllm, 1, 0) == (1, 0.0, 1)              # no GPUs: one engine
+    assert placement(RaySection(), openai, 1, 8) == (1, 0.0, 1)            # an HTTP client needs no GPU
+    assert placement(RaySection(engines=3, cpus_per_engine=4), vllm, 1, 0) == (3, 0.0, 4)
