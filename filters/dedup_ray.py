@@ -418,13 +418,15 @@ def dedup(method: str, cfg, inputs: list[tuple[Path, int]], preload: list[str], 
         a, b, stats = _semantic_pairs(work, cfg, columns, parts, info, stats)
         dropped, stats["components"] = keep_first(a, b)
     dropped = np.sort(dropped[dropped >= 0])
-    stats["resolve_seconds"] = round(time.perf_counter() - t0, 3)
+    stats["find_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
 
     ref = ray.put(dropped)
     written = _dataset(stream).map_batches(
         _write_piece, batch_size=1, batch_format="pyarrow",
         fn_args=(ref, REASONS[method], str(stage), had_reason)).take_all()
     written.sort(key=lambda r: r["piece"])
+    stats["write_seconds"] = round(time.perf_counter() - t0, 2)
     reasons: Counter = Counter()
     for r in written:
         for part in filter(None, r["reasons"].split(";")):
@@ -451,14 +453,19 @@ def _minhash_pairs(work, cfg, columns, parts, stats):
 
     from synthloop.filters.lsh import signature_cut
 
+    t = time.perf_counter()
     rows = work.map_batches(_minhash_rows, batch_size=1, batch_format="pyarrow",
                             fn_args=(columns, cfg, minhasher(cfg))).materialize()
+    stats["hash_seconds"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
     cand = (rows.map_batches(_explode, batch_size=None, batch_format="pyarrow", fn_args=(parts,))
             .groupby("part").map_groups(_candidate_pairs, batch_format="numpy"))
     a, b = _columns(cand, "a", "b")
     key = np.unique(a * (1 << 32) + (b - a))      # the same pair comes from several bands
     a, b = key >> 32, (key >> 32) + (key & 0xFFFFFFFF)
     stats["candidate_pairs"] = int(a.size)
+    stats["candidates_seconds"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
     if a.size == 0:
         stats["verified_pairs"] = 0
         return a, b, stats
@@ -474,6 +481,7 @@ def _minhash_pairs(work, cfg, columns, parts, stats):
                                          fn_args=(pairs_ref, cfg.verify, float(cfg.threshold), cut)))
     a, b = _columns(ver, "a", "b")
     stats["verified_pairs"] = int(a.size)
+    stats["verify_seconds"] = round(time.perf_counter() - t, 2)
     return a, b, stats
 
 
