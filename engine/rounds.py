@@ -26,6 +26,12 @@ skipped when its output exists (a run whose manifest is complete, an adapter fol
 with an eval), so a killed loop resumes where it stopped. Generation in round r uses the adapter
 of round r-1 (vLLM: a `LoRARequest` per call; transformers: merged weights); dedup stages that
 take a ``preload`` list are given every earlier round's shards, so no round re-emits old data.
+
+``[train] peft`` picks what trains (lora, ia3, prefix, none = full fine-tune); ``round-NN/adapter/``
+then holds that adapter, or for ``none`` a complete model folder, and every consumer (the
+generator's backend, evaluation, the benchmark, hard examples) loads it by what it holds
+(`core.models.student_kind`). vLLM cannot apply a prefix-tuning adapter, so ``peft = "prefix"``
+with a vllm generator is refused when the config is read.
 """
 from __future__ import annotations
 
@@ -91,6 +97,10 @@ def load_rounds_config(path: str | Path) -> RoundsConfig:
     except ValueError as e:
         raise ConfigError(str(e) if isinstance(e, ConfigError) else f"{path}: [train] {e}") from None
     run = parse_config(text, path=str(path), extra_tables=("rounds", "train"))
+    if train.get("peft") == "prefix" and run.llm.get("generator", BackendSpec()).backend == "vllm":
+        raise ConfigError(f"{where(str(path), text, 'peft')}: [train] peft = \"prefix\" needs [llm.generator] "
+                          f"backend = \"transformers\": vLLM cannot apply a prefix-tuning adapter, and it cannot "
+                          f"be merged into the weights")
     return RoundsConfig(run=run, rounds=rounds, train=train)
 
 
@@ -220,7 +230,7 @@ def run_rounds(cfg: RoundsConfig, out: str | Path | None = None, *, show_progres
         execute(round_config(cfg, r, adapter=adapter, seeds=seeds, earlier=earlier), out=rdir,
                 show_progress=show_progress, backend_factory=backend_factory or open_llm)
         new_adapter = rdir / "adapter"
-        if not (new_adapter / "adapter_config.json").exists():
+        if not (new_adapter / "train_metrics.json").exists():      # written last, inside the atomic folder
             print(f"round {r}: training {new_adapter}", file=sys.stderr)
             tcfg = TrainConfig(**{"base_model": base_model, **cfg.train,
                                   "init_adapter": adapter if cfg.rounds.train_from == "last" else None})

@@ -19,6 +19,7 @@ from synthloop.engine.executors import PipelinedExecutor, SequentialExecutor
 from synthloop.core.llm import RequestCache, open_llm
 from synthloop.core.models import cache_dir
 from synthloop.core.registry import Context, build
+from synthloop.outputs.manifest import model_identity
 from synthloop.outputs.run_store import RunStore
 from synthloop.seeds.loaders import load_seeds
 
@@ -90,6 +91,7 @@ def execute(cfg: RunConfig, *, out: str | Path | None = None, limit: int | None 
     prev = store.open(meta={"name": cfg.run.name, "config_path": cfg.path, "config": cfg.text,
                             "seeds": {"path": str(cfg.seeds.path), "records": len(seeds)},
                             "models": {role: f"{s.backend}:{s.model}" for role, s in cfg.llm.items()},
+                            "model_details": {role: model_identity(s) for role, s in cfg.llm.items()},
                             "limit": limit})
     if prev and prev.get("complete") and prev.get("limit") == limit:
         print(f"{run_dir}: already complete ({store.kept_rows} records)", file=sys.stderr)

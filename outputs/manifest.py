@@ -37,6 +37,35 @@ def save_manifest(run_dir: Path, manifest: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def model_identity(spec) -> dict:
+    """What a role's `[llm.*]` table runs, exactly, for ``manifest.json`` → ``model_details``: the
+    ``name`` its records carry in the `model` column, the resolved local ``path`` with a weights
+    ``fingerprint`` (`core.models.weights_fingerprint`) or the HF hub ``revision`` the path is a
+    snapshot of, the ``quantization`` (`core.models.quantization_of`), the student ``adapter`` with
+    its kind, and for a served model its ``base_url``.
+
+    >>> model_identity(BackendSpec(backend="vllm", model="models/qwen-7b-awq"))    # doctest: +SKIP
+    {'backend': 'vllm', 'model': 'models/qwen-7b-awq', 'name': 'models/qwen-7b-awq[awq]', 'quantization': 'awq', ...}
+    """
+    from synthloop.core.models import (model_name, quantization_of, resolve_model, student_kind, student_weights,
+                                       weights_fingerprint)
+
+    opts = dict(spec.options)
+    out = {"backend": spec.backend, "model": spec.model}
+    if spec.backend == "openai":
+        return {**out, "name": opts.get("name") or f"openai:{spec.model}", "base_url": opts.get("base_url")}
+    adapter = opts.get("adapter")
+    path = student_weights(spec.model, adapter)[0] if adapter else resolve_model(spec.model)
+    quant = quantization_of(path, opts)
+    out.update(name=opts.get("name") or model_name(spec.model, adapter, quant), path=str(Path(path).resolve()),
+               quantization=quant, fingerprint=weights_fingerprint(path))
+    if Path(path).parent.name == "snapshots":        # a Hugging Face hub cache folder: its commit
+        out["revision"] = Path(path).name
+    if adapter:
+        out["adapter"] = {"path": str(adapter), "kind": student_kind(adapter)}
+    return out
+
+
 def stage_row(name: str, n_in: int, kept: int, dropped: dict[str, int]) -> dict:
     """One stage's counts; `created` is derived (rows the stage added)."""
     total = sum(dropped.values())

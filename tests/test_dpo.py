@@ -167,7 +167,7 @@ def test_dpo_metrics(dpo_adapter):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
     assert second["rewards/margins"] != 0
     assert metrics["tokens"] > 0 and metrics["pair_tokens"] > 0 and metrics["seconds_per_step"] > 0
-    assert metrics["config"]["beta"] == 0.1 and metrics["lora"]["r"] == 4
+    assert metrics["config"]["beta"] == 0.1 and metrics["peft"]["r"] == 4
     assert json.loads((out / "train_metrics.json").read_text())["steps"] == metrics["steps"]
     assert summarize(metrics) == {"method": "dpo", "steps": 2, "final_loss": second["loss"],
                                   "seconds": metrics["train_seconds"], "tokens": metrics["tokens"]}

@@ -151,7 +151,7 @@ def test_continue_from_adapter(tiny_model, shard, tiny_adapter, tmp_path):
     first, _ = tiny_adapter
     m = train(TrainConfig(base_model=tiny_model, init_adapter=str(first), max_steps=1, batch_size=2,
                           max_length=128, learning_rate=5e-3, lora_r=64), shard, tmp_path / "next")
-    assert m["init_adapter"] == str(first) and m["lora"]["r"] == 4          # the adapter's shape is kept
+    assert m["init_adapter"] == str(first) and m["peft"]["r"] == 4          # the adapter's shape is kept
     a, b = load_file(first / "adapter_model.safetensors"), load_file(tmp_path / "next" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(not a[k].allclose(b[k]) for k in a)
 

@@ -29,7 +29,7 @@ import polars as pl
 
 from synthloop.outputs.run_reader import round_dirs
 from synthloop.tuner.sft import (METRICS_FILE, SFT_STEP_KEYS, TrainConfig, _dtype, _fit, _load_base, _load_policy, _metrics,
-                                 _save_adapter, _trainer_args, atomic_dir)
+                                 _save_adapter, _start_path, _trainer_args, atomic_dir)
 
 PAIRS_GLOB = "pairs/pairs-*.parquet"     # inside a run directory
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -137,19 +137,29 @@ def _dpo_into(cfg: TrainConfig, pairs, folder: Path) -> dict:
     on_cuda = torch.cuda.is_available()
     dtype = _dtype(cfg, on_cuda)
     model, peft_config = _load_policy(cfg, base, dtype)
+    ref_model = None
+    if cfg.peft == "none" or (cfg.peft == "ia3" and cfg.init_adapter):
+        # The reference is a frozen copy of the start. A full fine-tune has no adapter to switch off;
+        # for a continued IA3 adapter TRL's "ref" copy would miss its vectors (it copies parameters
+        # named ".default.", IA3's end in ".default") and score with the base model instead.
+        from transformers import AutoModelForCausalLM
+        ref_model = AutoModelForCausalLM.from_pretrained(_start_path(cfg, base), dtype=dtype)
+        if cfg.peft == "ia3":
+            from peft import PeftModel
+            ref_model = PeftModel.from_pretrained(ref_model, cfg.init_adapter).merge_and_unload()
     args = DPOConfig(**_trainer_args(cfg, folder, dtype=dtype, on_cuda=on_cuda,
                                      learning_rate=cfg.dpo_learning_rate or cfg.learning_rate,
                                      max_steps=cfg.dpo_max_steps or cfg.max_steps),
                      beta=cfg.beta, loss_type=[cfg.dpo_loss], max_length=cfg.max_length,
                      truncation_mode="keep_start", precompute_ref_log_probs=False, disable_dropout=True)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=peft_config)
     kept = trainer.train_dataset
     skipped["prompt_fills_max_length"] = len(rows) - len(kept)
     if not len(kept):
         raise ValueError(f"no preference pair of {pairs} fits max_length={cfg.max_length} (skipped: {skipped})")
     result, train_seconds = _fit(trainer)
-    _save_adapter(trainer, folder)
+    _save_adapter(trainer, folder, cfg, base)
     cap = cfg.max_length    # the collator cuts prompt + answer at max_length
     data_counts = {
         "pairs": len(kept), "skipped": skipped,

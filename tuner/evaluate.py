@@ -15,7 +15,7 @@ import time
 from typing import Sequence
 
 from synthloop.core.llm import BackendSpec, open_llm
-from synthloop.core.models import resolve_model
+from synthloop.core.models import student_kind, student_weights
 from synthloop.tuner.heldout import load_heldout, prompt_messages, reference_messages
 from synthloop.tuner.judge import judge_pairs
 from synthloop.tuner.masking import IGNORE, tokenize_chat
@@ -25,22 +25,26 @@ ANSWER_PARAMS = {"temperature": 0, "max_tokens": 256}
 
 def load_student(base_model: str = "embedded", adapter: str | None = None, *, dtype: str = "float32",
                  device: str | None = None):
-    """(model, tokenizer) in eval mode; an adapter is merged in, so scoring runs at base speed.
+    """(model, tokenizer) in eval mode. `adapter` is what training wrote: a LoRA or IA3 adapter (merged
+    in, so scoring runs at base speed), a prefix-tuning adapter (applied: it cannot be merged), or a
+    full fine-tune's model folder (loaded instead of the base).
 
     >>> model, tok = load_student("embedded", "runs/loop/round-00/adapter")   # doctest: +SKIP
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model(base_model)
+    path, peft_adapter = student_weights(base_model, adapter)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-    if adapter:
+    if peft_adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, peft_adapter)
+        if student_kind(peft_adapter) != "prefix":
+            model = model.merge_and_unload()
     return model.eval(), tok
 
 
@@ -67,7 +71,7 @@ def reference_loss(model, tokenizer, items: Sequence[dict], *, batch_size: int =
                 n = len(e["input_ids"])
                 ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = _last_hidden(model, ids, mask)
             # Position t predicts token t+1; only scored positions go through the LM head, so the
             # (batch x length x vocab) logits tensor is never built.
             target = labels[:, 1:]
@@ -79,6 +83,15 @@ def reference_loss(model, tokenizer, items: Sequence[dict], *, batch_size: int =
     seconds = time.time() - t0
     return {"loss": total / count if count else float("nan"), "tokens": count, "examples": len(examples),
             "seconds": round(seconds, 3), "tokens_per_second": round(count / seconds, 1) if seconds else None}
+
+
+def _last_hidden(model, ids, mask):
+    """The final hidden states of `ids`; the LM head is applied by the caller, only where scored."""
+    if getattr(model, "peft_config", None):
+        # A prefix-tuned student (the only kind kept unmerged): PEFT puts the prefix in the attention
+        # cache. The last hidden layer is the normed output the LM head reads (as last_hidden_state).
+        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def student_spec(base_model: str, adapter: str | None, template: BackendSpec | None = None) -> BackendSpec:

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Sequence
 
 import polars as pl
 
-from synthloop.core.models import resolve_model
+from synthloop.core.models import resolve_model, student_kind
 from synthloop.outputs.run_reader import kept_paths, round_dirs
 from synthloop.tuner.masking import IGNORE, tokenize_chat
 
@@ -42,6 +42,8 @@ from synthloop.tuner.masking import IGNORE, tokenize_chat
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METRICS_FILE = "train_metrics.json"
 METHODS = ("sft", "dpo", "sft+dpo")
+#: Tuning strategies: which parameters train. "none" is a full fine-tune of every weight.
+PEFTS = ("lora", "ia3", "prefix", "none")
 #: TRL 1.16's DPO loss types that need no knob we do not expose (exo_pair needs label_smoothing > 0).
 DPO_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
@@ -56,7 +58,9 @@ class TrainConfig:
     """
 
     base_model: str = "embedded"          # `embedded` or a local HF folder
-    init_adapter: str | None = None       # continue training this adapter (its LoRA shape is kept)
+    init_adapter: str | None = None       # continue training this adapter / model folder (its shape is kept)
+    peft: str = "lora"                    # lora | ia3 | prefix (prefix tuning) | none (full fine-tune)
+    prefix_tokens: int = 16               # prefix tuning: virtual tokens per layer
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -88,6 +92,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} {rule}, got {getattr(self, name)!r}")
 
+        need(self.peft in PEFTS, "peft", "must be " + ", ".join(PEFTS[:-1]) + " or " + PEFTS[-1])
+        need(isinstance(self.prefix_tokens, int) and self.prefix_tokens >= 1, "prefix_tokens", "must be an int >= 1")
+        need(not (self.peft == "prefix" and self.gradient_checkpointing), "gradient_checkpointing",
+             "cannot be used with peft = \"prefix\" (checkpointing turns the attention cache off, the "
+             "prefix lives there, and attention then fails on a mask longer than its keys)")
         need(isinstance(self.lora_r, int) and self.lora_r >= 1, "lora_r", "must be an int >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
@@ -294,7 +303,7 @@ def _combine(cfg: TrainConfig, sft: dict, dpo: dict) -> dict:
     tokens = [p["tokens"] for p in (sft, dpo) if p["tokens"] is not None]
     return {
         "method": cfg.method, "base_model": cfg.base_model, "base_path": sft["base_path"],
-        "init_adapter": cfg.init_adapter, "config": dataclasses.asdict(cfg), "lora": dpo["lora"],
+        "init_adapter": cfg.init_adapter, "config": dataclasses.asdict(cfg), "peft": dpo["peft"],
         "optimizer_steps": sft["optimizer_steps"] + dpo["optimizer_steps"],
         "tokens": sum(tokens) if tokens else None,
         "final_loss": dpo["final_loss"],            # the DPO loss: the last objective trained
@@ -316,17 +325,63 @@ def _load_base(cfg: TrainConfig):
     return base, tokenizer
 
 
+def _start_path(cfg: TrainConfig, base) -> str:
+    """The weights training starts from: the base, or for ``peft = "none"`` continuing, that model folder."""
+    return cfg.init_adapter if cfg.peft == "none" and cfg.init_adapter else str(base)
+
+
 def _load_policy(cfg: TrainConfig, base, dtype):
-    """(model, peft_config): `cfg.init_adapter` loaded trainable, or the base model plus a LoRA config
-    the trainer wraps it with. Seed first: LoRA's A matrices are drawn at wrap time."""
-    from peft import LoraConfig, PeftModel
+    """(model, peft_config) for `cfg.peft`: `cfg.init_adapter` loaded trainable, or the base model plus
+    the PEFT config the trainer wraps it with (None for a full fine-tune, where every weight trains).
+    Seed first: LoRA's A matrices and the prefix embeddings are drawn at wrap time."""
+    from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    if cfg.init_adapter:
+        kind = student_kind(cfg.init_adapter)
+        if kind != ("full" if cfg.peft == "none" else cfg.peft):
+            raise ValueError(f"init_adapter {cfg.init_adapter} is a {kind} "
+                             f"{'model folder' if kind == 'full' else 'adapter'}, but peft = \"{cfg.peft}\"")
+    model = AutoModelForCausalLM.from_pretrained(_start_path(cfg, base), dtype=dtype)
+    if cfg.peft == "none":
+        return model, None
+    if cfg.init_adapter and cfg.peft == "prefix":
+        # PEFT loads prompt-learning adapters for inference only ("Cannot set a prompt learning adapter
+        # to trainable"): build a trainable one of the same shape and load the saved prefix into it.
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+        config = PeftConfig.from_pretrained(cfg.init_adapter)
+        config.inference_mode = False
+        model = get_peft_model(model, config)
+        set_peft_model_state_dict(model, load_file(Path(cfg.init_adapter) / "adapter_model.safetensors"))
+        return model, None
     if cfg.init_adapter:
         return PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True), None
-    return model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    if cfg.peft == "lora":
+        return model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    if cfg.peft == "ia3":
+        # PEFT's per-architecture targets (Llama: k_proj, v_proj and down_proj's input), as in the IA3 paper.
+        return model, IA3Config(task_type="CAUSAL_LM")
+    return model, PrefixTuningConfig(num_virtual_tokens=cfg.prefix_tokens, task_type="CAUSAL_LM")
+
+
+def peft_summary(model) -> dict:
+    """What a trained model's tuning strategy is and its shape (train_metrics.json's ``peft``)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return {"type": "none", "trainable_parameters": sum(p.numel() for p in model.parameters())}
+    trainable = sum(p.numel() for n, p in model.named_parameters() if ".default" in n)
+    kind = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix"}[str(config.peft_type.value)]
+    out = {"type": kind, "trainable_parameters": trainable}
+    if kind == "lora":
+        out.update(r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                   target_modules=sorted(config.target_modules))
+    elif kind == "ia3":
+        out.update(target_modules=sorted(config.target_modules), feedforward_modules=sorted(config.feedforward_modules))
+    else:
+        out.update(num_virtual_tokens=config.num_virtual_tokens)
+    return out
 
 
 def _trainer_args(cfg: TrainConfig, folder: Path, *, dtype, on_cuda: bool, learning_rate: float,
@@ -359,9 +414,19 @@ def _fit(trainer):
     return result, time.time() - t
 
 
-def _save_adapter(trainer, folder: Path) -> None:
-    """The trained adapter only: not the frozen "ref" copy TRL's DPO adds when it continues one."""
-    trainer.model.save_pretrained(folder, selected_adapters=["default"])
+def _save_adapter(trainer, folder: Path, cfg: TrainConfig, base) -> None:
+    """The trained adapter only (not the frozen "ref" copy TRL's DPO adds when it continues one); for
+    a full fine-tune a complete model folder (weights, tokenizer, generation config) that every
+    backend loads as a model."""
+    if cfg.peft == "none":
+        from transformers import GenerationConfig
+        trainer.model.save_pretrained(folder)
+        trainer.processing_class.save_pretrained(folder)
+        start = Path(_start_path(cfg, base))
+        if (start / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(start).save_pretrained(folder)
+    else:
+        trainer.model.save_pretrained(folder, selected_adapters=["default"])
     # PEFT's generated model card is a template of "[More Information Needed]" lines.
     (folder / "README.md").unlink(missing_ok=True)
     shutil.rmtree(folder / "trainer", ignore_errors=True)
@@ -391,7 +456,7 @@ def _sft_into(cfg: TrainConfig, data, folder: Path) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer, peft_config=peft_config)
     result, train_seconds = _fit(trainer)
-    _save_adapter(trainer, folder)
+    _save_adapter(trainer, folder, cfg, base)
     data_counts = {
         "examples": len(examples), "skipped": skipped, "replayed": len(replayed),
         "example_tokens": sum(len(e["input_ids"]) for e in examples),
@@ -422,12 +487,10 @@ SFT_STEP_KEYS = ("step", "loss", "grad_norm", "learning_rate", "num_tokens", "me
 def _metrics(cfg, method, trainer, result, base, data_counts: dict, step_keys, *, seconds, train_seconds) -> dict:
     steps = [{k: h[k] for k in step_keys if k in h} for h in trainer.state.log_history if "loss" in h]
     n_steps = trainer.state.global_step
-    lora = trainer.model.peft_config["default"]
     return {
         "method": method, "base_model": cfg.base_model, "base_path": str(base), "init_adapter": cfg.init_adapter,
         "config": dataclasses.asdict(cfg),
-        "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
-                 "target_modules": sorted(lora.target_modules)},
+        "peft": peft_summary(trainer.model),
         **data_counts,
         "optimizer_steps": n_steps,
         "tokens": int(steps[-1]["num_tokens"]) if steps and "num_tokens" in steps[-1] else None,

@@ -6,6 +6,11 @@ of `batch_size`; settings go to `model.generate(**params)` as they are, except t
 sub-batch is reproducible; per-row seeds as in vLLM would force batch size 1), `stop` and
 `temperature` 0 (greedy).
 
+`adapter` is what training wrote (LoRA and IA3 adapters are merged in, a prefix-tuning adapter is
+applied by PEFT, a full fine-tune's folder is loaded instead of `model`). A GGUF checkpoint loads
+with ``gguf_file`` (or `model` naming the ``.gguf`` file): transformers dequantizes it as it loads,
+so it computes at `dtype`, and the name carries the file's quantization (``[gguf:Q4_1]``).
+
 `agenerate` runs `generate` in a worker thread, one call at a time (torch releases the GIL while
 it computes, so the event loop keeps preparing the next requests meanwhile).
 """
@@ -15,10 +20,11 @@ import asyncio
 import json
 import threading
 import zlib
+from pathlib import Path
 from typing import Sequence
 
 from synthloop.core.llm.base import Completion, Params, Request, Stats, cut_at_stop, per_request
-from synthloop.core.models import adapter_fingerprint, resolve_model
+from synthloop.core.models import model_name, quantization_of, student_kind, student_weights
 
 
 class TransformersLLM:
@@ -30,24 +36,34 @@ class TransformersLLM:
     """
 
     def __init__(self, model: str = "embedded", *, adapter: str | None = None, device: str | None = None,
-                 dtype: str = "auto", batch_size: int = 16, name: str | None = None):
+                 dtype: str = "auto", batch_size: int = 16, name: str | None = None, gguf_file: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = resolve_model(model)
+        # A full fine-tune's folder replaces the base; a PEFT adapter goes on it.
+        path, peft_adapter = student_weights(model, adapter)
+        if gguf_file is None and path.endswith(".gguf") and Path(path).is_file():
+            path, gguf_file = str(Path(path).parent), Path(path).name
+        # transformers dequantizes a GGUF file's weights to `dtype` as it loads them.
+        gguf = {"gguf_file": gguf_file} if gguf_file else {}
+        self.quantization = quantization_of(path, gguf)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"auto": torch.bfloat16 if self.device.startswith("cuda") else torch.float32,
                        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **gguf)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
-        if adapter:
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **gguf).to(self.device).eval()
+        if peft_adapter:
             from peft import PeftModel
-            # Merged weights: generation runs at base-model speed and nothing else changes.
-            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload().eval()
+            self.model = PeftModel.from_pretrained(self.model, peft_adapter)
+            if student_kind(peft_adapter) != "prefix":
+                # Merged weights: generation runs at base-model speed and nothing else changes. A
+                # prefix cannot be merged (it lives in the attention cache): PEFT's generate applies it.
+                self.model = self.model.merge_and_unload()
+            self.model.eval()
         self.batch_size = batch_size
-        self.name = name or (model if not adapter else f"{model}+{adapter}@{adapter_fingerprint(adapter)}")
+        self.name = name or model_name(model, adapter, self.quantization)
         self.stats = Stats()
         self.in_flight = 0
         self.default_in_flight = 2 * batch_size    # one sub-batch computing, the next one waiting

