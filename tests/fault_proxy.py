@@ -235,3 +235,28 @@ class FaultProxy:
         writer.close()
         head, _, data = raw.partition(b"\r\n\r\n")
         return int(head.split(b" ")[1]), data
+
+
+#: How the openai backend names what each fault does to an attempt (`OpenAILLM.reasons`); a reset
+#: and a cut body both surface as transport errors (httpx's ReadError / RemoteProtocolError).
+REASON = {"http_500": "HTTP 500", "http_503": "HTTP 503", "timeout": "timeout", "stall": "timeout",
+          "invalid_json": "invalid JSON", "empty_choices": "no choices", "reset": "transport",
+          "truncated": "transport"}
+TRANSPORT = ("ReadError", "RemoteProtocolError", "WriteError", "ConnectError")
+
+
+def account(proxy: FaultProxy, backend) -> dict:
+    """Both sides' books of one run: what the proxy did and what the openai `backend` counted."""
+    faults = proxy.faults()
+    proxy_reasons: Counter = Counter()
+    for kind, n in faults.items():
+        proxy_reasons[REASON[kind]] += n
+    client_reasons: Counter = Counter()
+    for reason, n in backend.reasons.items():
+        client_reasons["transport" if reason in TRANSPORT else reason] += n
+    stats = backend.stats
+    return {"attempts": len(proxy.log), "injected": dict(Counter(e["fault"] for e in proxy.log)),
+            "faults_seen": sum(faults.values()), "requests": stats.requests, "retries": stats.retries,
+            "errors": stats.errors, "proxy_reasons": dict(proxy_reasons), "client_reasons": dict(client_reasons),
+            "match": (stats.retries + stats.errors == sum(faults.values())
+                      and stats.requests + stats.retries == len(proxy.log) and proxy_reasons == client_reasons)}

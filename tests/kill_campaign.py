@@ -192,10 +192,12 @@ def run_clean(cmd: Command, trial: Path) -> tuple[float, Counter, Outcome]:
     return seconds, events, cmd.outcome(trial)
 
 
-def kill_points(cmd: Command, n: int, seconds: float, events: Counter, seed: int) -> list[tuple[str, object]]:
-    """`n` seeded kill points, the event triggers seen in the clean run and a random delay in turn."""
+def kill_points(cmd: Command, n: int, seconds: float, events: Counter, seed: int,
+                kinds: list[str] | None = None) -> list[tuple[str, object]]:
+    """`n` seeded kill points: the event triggers seen in the clean run and a random delay in turn
+    (or only `kinds`)."""
     rng = random.Random(f"{seed}:{cmd.name}")
-    kinds = [t.label for t in cmd.triggers if events[t.label]] + ["time"]
+    kinds = [k for k in kinds or [t.label for t in cmd.triggers] + ["time"] if k == "time" or events[k]]
     points = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
@@ -237,7 +239,9 @@ def kill_and_rerun(cmd: Command, trial: Path, kind: str, at, clean: Outcome) -> 
     res.killed = rc == -signal.SIGKILL
     if res.killed and trigger is not None and trigger.temp:
         res.inside = (trial / victim).exists()
-    time.sleep(0.2)          # an orphan would still be running now
+    deadline = time.monotonic() + 3       # what still runs after 3 s is an orphan
+    while _session(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     left = _session(p.pid)
     res.orphans = len(left)
     for pid in left:         # ours to end: the killed command's own children
@@ -285,15 +289,17 @@ class Row:
         return not (self.lost or self.duplicated or self.foreign or self.orphans or self.failures)
 
 
-def campaign(cmd: Command, work: Path, n: int, seed: int = 0, log=lambda s: print(s, file=sys.stderr)) -> Row:
-    """`n` kills of `cmd`, each in its own folder under `work`; one table row."""
+def campaign(cmd: Command, work: Path, n: int, seed: int = 0, kinds: list[str] | None = None,
+             log=lambda s: print(s, file=sys.stderr)) -> Row:
+    """`n` kills of `cmd` (at `kinds` of points only, if given), each in its own folder under
+    `work`; one table row."""
     t0 = time.monotonic()
     seconds, events, clean = run_clean(cmd, work / f"{cmd.name}-clean")
     row = Row(cmd.name, records=sum(clean.kept.values()) + sum(clean.rejected.values()))
     if clean.problems:
         row.failures.append(f"clean run: {clean.problems}")
     log(f"{cmd.name}: clean run {seconds:.1f}s, events {dict(events)}")
-    for i, (kind, at) in enumerate(kill_points(cmd, n, seconds, events, seed)):
+    for i, (kind, at) in enumerate(kill_points(cmd, n, seconds, events, seed, kinds)):
         trial = work / f"{cmd.name}-kill{i:02d}"
         res = kill_and_rerun(cmd, trial, kind, at, clean)
         res.problems += [f"stray {p}" for p in stray_temp_files(trial)]

@@ -62,6 +62,7 @@ ROUNDS_TABLES = """
 count = 2
 hard_examples = 3
 eval_limit = 3
+win_rate = false
 
 [train]
 max_steps = 2
