@@ -409,7 +409,7 @@ def dedup(method: str, cfg, inputs: list[tuple[Path, int]], preload: list[str], 
     if method == "exact":
         rows = work.map_batches(_exact_rows, batch_size=1, batch_format="pyarrow",
                                 fn_args=(columns, parts))
-        out = rows.groupby("part").map_groups(_exact_dups, batch_format="numpy")
+        out = rows.groupby("part", num_partitions=parts).map_groups(_exact_dups, batch_format="numpy")
         (dropped,) = _columns(out, "ord")
     elif method == "minhash":
         a, b, stats = _minhash_pairs(work, cfg, columns, parts, stats)
@@ -459,7 +459,7 @@ def _minhash_pairs(work, cfg, columns, parts, stats):
     stats["hash_seconds"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     cand = (rows.map_batches(_explode, batch_size=None, batch_format="pyarrow", fn_args=(parts,))
-            .groupby("part").map_groups(_candidate_pairs, batch_format="numpy"))
+            .groupby("part", num_partitions=parts).map_groups(_candidate_pairs, batch_format="numpy"))
     a, b = _columns(cand, "a", "b")
     key = np.unique(a * (1 << 32) + (b - a))      # the same pair comes from several bands
     a, b = key >> 32, (key >> 32) + (key & 0xFFFFFFFF)
@@ -477,8 +477,9 @@ def _minhash_pairs(work, cfg, columns, parts, stats):
     pairs_ref = ray.put((a, b, bucket))
     cut = signature_cut(cfg.threshold, cfg.num_perm, cfg.check_margin)
     ver = (rows.map_batches(_route, batch_size=None, batch_format="pyarrow", fn_args=(dest_ref,))
-           .groupby("bucket").map_groups(_verify_bucket, batch_format="pyarrow",
-                                         fn_args=(pairs_ref, cfg.verify, float(cfg.threshold), cut)))
+           .groupby("bucket", num_partitions=parts)
+           .map_groups(_verify_bucket, batch_format="pyarrow",
+                       fn_args=(pairs_ref, cfg.verify, float(cfg.threshold), cut)))
     a, b = _columns(ver, "a", "b")
     stats["verified_pairs"] = int(a.size)
     stats["verify_seconds"] = round(time.perf_counter() - t, 2)
@@ -497,12 +498,13 @@ def _semantic_pairs(work, cfg, columns, parts, info, stats):
     vecs = flat.reshape(-1, dim) if dim else np.zeros((0, 1), np.float32)
     k = cfg.n_clusters if cfg.n_clusters > 0 else max(1, int(math.sqrt(max(n, 1)) / 4))
     assign = kmeans_assign(vecs, k, cfg.seed, 20) if len(vecs) else np.zeros(0, np.int64)
-    cents = np.stack([vecs[assign == c].mean(axis=0) for c in np.unique(assign)]) if len(vecs) else np.zeros((1, 1))
+    cents = np.stack([vecs[assign == c].mean(axis=0) for c in np.unique(assign)]) if len(vecs) \
+        else np.zeros((1, 1))
     cents = (cents / np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     reach = 2 * math.acos(max(-1.0, min(1.0, cfg.threshold - _EPS))) + 1e-4
     members = emb.map_batches(_assign, batch_size=None, batch_format="pyarrow", fn_args=(cents, reach))
-    pairs = members.groupby("cluster").map_groups(_cluster_pairs, batch_format="numpy",
-                                                  fn_args=(float(cfg.threshold),))
+    pairs = members.groupby("cluster", num_partitions=parts).map_groups(
+        _cluster_pairs, batch_format="numpy", fn_args=(float(cfg.threshold),))
     a, b = _columns(pairs, "a", "b")
     key = np.unique(a * (1 << 32) + (b - a)) if a.size else np.zeros(0, np.int64)
     stats.update(clusters=int(len(cents)), replicas_per_row=round(members.count() / max(n, 1), 2))

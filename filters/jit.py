@@ -21,6 +21,8 @@ KERNEL_FILES = ("jit.py", "hashtable.py", "normalize.py", "lsh.py", "minhash.py"
 
 _HERE = Path(__file__).resolve().parent
 _checked = False
+#: Every kernel made by `kernel` (a test checks that `warm_up` compiles them all).
+KERNELS: list = []
 
 
 def _sources_digest() -> str:
@@ -63,10 +65,15 @@ def kernel(**options):
     # kernel cached while its file was imported under another name (``pytest --doctest-modules
     # filters/`` imports ``filters.minhash``) breaks every later ``synthloop.filters`` process.
     caller = sys._getframe(1).f_globals.get("__name__", "")
-    if not caller.startswith("synthloop.filters."):
-        return nb.njit(**options)
-    _drop_stale_cache()
-    return nb.njit(cache=True, **options)
+    if caller.startswith("synthloop.filters."):
+        _drop_stale_cache()
+        options = {"cache": True, **options}
+
+    def compiled(fn):
+        dispatcher = nb.njit(**options)(fn)
+        KERNELS.append(dispatcher)
+        return dispatcher
+    return compiled
 
 
 def warm_up() -> float:

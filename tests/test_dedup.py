@@ -169,6 +169,13 @@ def test_minhash_estimates_agree_with_datasketch():
     assert np.abs(err_ours).max() < 0.2
 
 
+def test_warm_up_compiles_every_dedup_kernel():
+    from synthloop.filters import dedup_ray, jit  # noqa: F401  (every module with kernels)
+    jit.warm_up()
+    assert len(jit.KERNELS) >= 7
+    assert [k.py_func.__name__ for k in jit.KERNELS if not k.signatures] == []
+
+
 def test_signature_cut():
     assert signature_cut(0.7, 128) == 88                       # estimate >= 0.68 (8-bit values)
     assert signature_cut(0.7, 128, margin=0.0) == 90
