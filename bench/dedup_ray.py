@@ -35,7 +35,8 @@ def one(corpus: str, out: str, executor: str, cpus: int, batch: int) -> None:
     if executor == "ray":
         import ray
         t = time.perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
         start = time.perf_counter() - t
     t = time.perf_counter()
     rc = dedup_main([corpus, "--out", out, "--quiet", "--method", "minhash", "--text-columns",

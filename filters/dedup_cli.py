@@ -72,7 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local (streaming, one process) or ray (Ray Data; same kept rows)")
     p.add_argument("--address", default="",
-                   help="Ray cluster address (default: a running local cluster, else a new one)")
+                   help="Ray cluster address (default: $RAY_ADDRESS or the cluster `ray start` last "
+                        "started here, else a new local one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=run_dedup)
     return p

@@ -24,7 +24,8 @@ from test_dedup import PARA, _mutate, _text  # noqa: E402
 @pytest.fixture(scope="session")
 def cluster():
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)   # "local": a new cluster, never one found running
     yield
     ray.shutdown()
 
