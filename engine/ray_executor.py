@@ -29,7 +29,7 @@ import ray
 
 from synthloop.core.config import ConfigError, RaySection, RunConfig
 from synthloop.core.llm import BackendSpec, CachedLLM, RequestCache
-from synthloop.core.schema import conform, empty_batch
+from synthloop.core.schema import empty_batch
 from synthloop.core.stages import PerBatch
 from synthloop.engine.ray_engines import MODEL_BACKENDS, EnginePool, placement
 
@@ -52,8 +52,8 @@ class RemoteStage:
         return getattr(self.stage, attr)
 
     async def process(self, batch: pl.DataFrame, batch_id: int) -> pl.DataFrame:
-        table = await _map_batch.remote(self.fn_ref, batch.to_arrow())
-        return conform(pl.from_arrow(table), source=self.name)
+        # Arrow both ways: the frame comes back with the very schema it left with.
+        return pl.from_arrow(await _map_batch.remote(self.fn_ref, batch.to_arrow()))
 
 
 class RayCluster:

@@ -98,10 +98,12 @@ class KillEngine:
             pool = self.ctx.llm("generator").inner
             assert isinstance(pool, EnginePool)
             KillEngine.pools.append(pool)
+            pids = await pool.pids()
             while max(pool.load) == 0:
                 await asyncio.sleep(0.005)
+            # No await between looking and killing: the victim still holds its calls.
             victim = max(range(len(pool.load)), key=lambda i: pool.load[i])
-            os.kill((await pool.pids())[victim], signal.SIGKILL)
+            os.kill(pids[victim], signal.SIGKILL)
         return batch
 
 
@@ -168,7 +170,7 @@ def test_ray_writes_what_pipelined_writes(cluster, reference, tmp_path, monkeypa
 def test_engine_actor_killed_mid_run_loses_and_doubles_nothing(cluster, reference, tmp_path):
     KillEngine.pools = []
     m = execute(config(tmp_path, "kill.sqlite", kill_at=3), out=tmp_path / "ray", show_progress=False,
-                backend_factory=scripted_factory(latency=0.05), executor="ray")
+                backend_factory=scripted_factory(latency=0.2), executor="ray")
     (pool,) = KillEngine.pools
     assert pool.resent > 0                  # the killed engine held requests; they were sent again
     same_run(tmp_path / "ray", m, *reference)
