@@ -295,7 +295,8 @@ def campaign(cmd: Command, work: Path, n: int, seed: int = 0, kinds: list[str] |
     `work`; one table row."""
     t0 = time.monotonic()
     seconds, events, clean = run_clean(cmd, work / f"{cmd.name}-clean")
-    row = Row(cmd.name, records=sum(clean.kept.values()) + sum(clean.rejected.values()))
+    row = Row(cmd.name, records=sum(clean.kept.values()) + sum(clean.rejected.values())
+              or clean.extra.get("examples", 0))
     if clean.problems:
         row.failures.append(f"clean run: {clean.problems}")
     log(f"{cmd.name}: clean run {seconds:.1f}s, events {dict(events)}")

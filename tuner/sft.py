@@ -521,13 +521,15 @@ def train_in_fresh_process(cfg: TrainConfig, data, out: str | Path, *, overwrite
     3x slower than in a fresh one (about 22 vs 7 s per step for SmolLM2-135M on 2 cores, after a
     vLLM run and the filters; not the environment, the torch thread settings, numba or the engine
     processes, which we checked one by one). A fresh interpreter also returns the memory. Ctrl-C
-    or SIGTERM stop the child too; a failed child raises with its exit code.
+    or SIGTERM stop the child too, and so does a SIGKILL of this process (the child asks Linux to
+    kill it when its parent dies: a killed rounds loop leaves no trainer behind to race the rerun
+    for the same adapter folder); a failed child raises with its exit code.
     """
     import multiprocessing
 
     proc = multiprocessing.get_context("spawn").Process(
-        target=train, args=(cfg, _picklable(data), str(out)),
-        kwargs={"overwrite": overwrite}, name="synthloop-train")
+        target=_train_child, args=(os.getpid(), cfg, _picklable(data), str(out), overwrite),
+        name="synthloop-train")
     proc.start()
     try:
         proc.join()
@@ -538,6 +540,17 @@ def train_in_fresh_process(cfg: TrainConfig, data, out: str | Path, *, overwrite
     if proc.exitcode != 0:
         raise RuntimeError(f"training {out} failed in its process (exit code {proc.exitcode}); see the error above")
     return json.loads((Path(out) / "train_metrics.json").read_text())
+
+
+def _train_child(parent: int, cfg: TrainConfig, data, out: str, overwrite: bool) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
+    if os.getppid() != parent:          # the parent died before that took effect
+        os._exit(1)
+    train(cfg, data, out, overwrite=overwrite)
 
 
 def _picklable(data):
