@@ -2,10 +2,12 @@
 
 vLLM, transformers, torch and the other libraries a run loads write warnings and INFO lines (on
 the embedded model, vLLM alone warns once per weight that it loads a float32 checkpoint into
-bfloat16). `engine_logs` sends every such logger, and Python warnings, to the run's log
-file; ``--verbose`` echoes them to stderr as well. vLLM's engine core runs in a child process
-and configures its logging from ``VLLM_LOGGING_CONFIG_PATH`` at import, so the same routing is
-written there for it.
+bfloat16). `engine_logs` sends every such logger, and Python warnings, to the run's log file.
+vLLM's engine core runs in a child process that configures its logging from
+``VLLM_LOGGING_CONFIG_PATH``, so the same routing is written there for it; what that child and
+C++ code (torch's NUMA notes) write straight to file descriptor 2 goes to the log too, because
+descriptor 2 points at it while the run lasts (Python's ``sys.stderr`` keeps the terminal).
+``--verbose`` leaves descriptor 2 alone and echoes the logs to stderr as well.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import logging
 import logging.config
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -48,18 +51,45 @@ def logging_config(log: Path, *, verbose: bool) -> dict:
             "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}},
             "handlers": handlers,
             "loggers": {name: {"handlers": list(handlers), "level": "INFO", "propagate": False}
-                        for name in ENGINE_LOGGERS}}
+                        for name in ENGINE_LOGGERS},
+            "root": {"handlers": list(handlers), "level": "WARNING"}}
+
+
+@contextlib.contextmanager
+def _descriptor_2_to(log: Path) -> Iterator[None]:
+    """Point file descriptor 2 (inherited by child processes, written by C++ code) at `log`, and
+    give Python's `sys.stderr` (progress line, error messages) the terminal it had."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    swap = sys.stderr is sys.__stderr__      # else someone captures sys.stderr already (tests)
+    if swap:
+        sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=sys.__stderr__.encoding or "utf-8",
+                          errors="backslashreplace")
+    try:
+        yield
+    finally:
+        if swap:
+            sys.stderr.close()
+            sys.stderr = sys.__stderr__
+        sys.__stderr__.flush()
+        os.dup2(terminal, 2)
+        os.close(terminal)
 
 
 @contextlib.contextmanager
 def engine_logs(run_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]:
     """Route engine logs of this process and of vLLM's child processes to ``run_dir/engine.log``
-    while the block runs; logging is as it was afterwards.
+    while the block runs; logging and stderr are as they were afterwards. A run that logged
+    nothing leaves no log (and no run directory, if it made none).
 
     >>> with engine_logs("runs/quickstart"):          # doctest: +SKIP
     ...     execute(cfg)
     """
     log = Path(run_dir).resolve() / LOG_NAME
+    fresh = not log.parent.exists()
     config = logging_config(log, verbose=verbose)
     fd, path = tempfile.mkstemp(prefix="synthloop-logging-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
@@ -67,7 +97,7 @@ def engine_logs(run_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]
     env = {k: os.environ.get(k) for k in ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING")}
     os.environ.update(VLLM_LOGGING_CONFIG_PATH=path, VLLM_CONFIGURE_LOGGING="1")
     saved = {name: (lg.handlers[:], lg.level, lg.propagate)
-             for name in ENGINE_LOGGERS for lg in [logging.getLogger(name)]}
+             for name in (*ENGINE_LOGGERS, "") for lg in [logging.getLogger(name or None)]}
     try:
         # transformers adds its own stderr handler on first use: take it out now. Its progress
         # bars bypass logging, so they show only with --verbose.
@@ -79,14 +109,17 @@ def engine_logs(run_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]
         bars = hf_logging.is_progress_bar_enabled()
         if not verbose:
             hf_logging.disable_progress_bar()
-    logging.config.dictConfig(config)
-    logging.captureWarnings(True)
+    if not verbose:
+        log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        yield log
+        with contextlib.nullcontext() if verbose else _descriptor_2_to(log):
+            logging.config.dictConfig(config)
+            logging.captureWarnings(True)
+            yield log
     finally:
         logging.captureWarnings(False)
         for name, (handlers, level, propagate) in saved.items():
-            lg = logging.getLogger(name)
+            lg = logging.getLogger(name or None)
             for h in lg.handlers[:]:
                 lg.removeHandler(h)
                 if h not in handlers:
@@ -105,3 +138,7 @@ def engine_logs(run_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]
             else:
                 os.environ[k] = v
         Path(path).unlink(missing_ok=True)
+        if log.exists() and log.stat().st_size == 0:
+            log.unlink()
+        if fresh and log.parent.is_dir() and not any(log.parent.iterdir()):
+            log.parent.rmdir()
