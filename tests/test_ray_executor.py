@@ -317,3 +317,20 @@ def test_placement_gives_each_model_backend_its_share_of_the_gpus():
     assert placement(RaySection(), vllm, 1, 0) == (1, 0.0, 1)              # no GPUs: one engine
     assert placement(RaySection(), openai, 1, 8) == (1, 0.0, 1)            # an HTTP client needs no GPU
     assert placement(RaySection(engines=3, cpus_per_engine=4), vllm, 1, 0) == (3, 0.0, 4)
+
+
+
+def test_rounds_flags_reach_every_round(tmp_path):
+    """`synthloop rounds --executor ray --address A`: every round's run config names the ray
+    executor and the cluster (each round's generation is then a run like the ones above)."""
+    from synthloop.engine.cli import parser, _place
+    from synthloop.engine.rounds import load_rounds_config, round_config
+
+    path = tmp_path / "loop.toml"
+    path.write_text(CONFIG.format(limit=12, cache="off", kill_at=-1) + "\n[rounds]\ncount = 2\n")
+    args = parser().parse_args(["rounds", str(path), "--executor", "ray", "--address", "10.0.0.1:6379"])
+    cfg = load_rounds_config(path)
+    _place(cfg.run.run, args)
+    for r in range(2):
+        run = round_config(cfg, r, adapter=None, seeds=None, earlier=[]).run
+        assert (run.executor, run.ray) == ("ray", {"engines": 2, "cpus_per_engine": 0, "address": "10.0.0.1:6379"})
