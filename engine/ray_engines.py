@@ -59,6 +59,8 @@ def placement(settings: Any, spec: BackendSpec, backends: int, gpus: float) -> t
     per_gpu = settings.gpus_per_engine
     if per_gpu < 0:
         per_gpu = 1.0 if gpus and spec.backend in MODEL_BACKENDS else 0.0
+    if per_gpu > gpus:       # the actors would wait for GPUs forever
+        raise ValueError(f"[run.ray] gpus_per_engine = {per_gpu:g}, but the cluster has {gpus:g} GPU(s)")
     engines = settings.engines
     if not engines:
         engines = max(1, int(gpus // (per_gpu * backends))) if per_gpu else 1

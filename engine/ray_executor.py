@@ -67,7 +67,7 @@ class RayCluster:
 
     def __init__(self, cfg: RunConfig, factory: Callable, cache: RequestCache | None, address: str | None = None):
         self.settings = RaySection(**cfg.run.ray)
-        self.factory, self.cache = factory, cache
+        self.factory, self.cache, self.path = factory, cache, cfg.path
         # The GPUs are shared among the distinct backends that run a model (HTTP clients need none).
         self.backends = max(1, len({repr(dataclasses.asdict(s)) for s in cfg.llm.values() if s.backend in MODEL_BACKENDS}))
         self.owned = not ray.is_initialized()
@@ -83,7 +83,10 @@ class RayCluster:
               f"{res.get('GPU', 0):g} GPU", file=sys.stderr)
 
     def open_llm(self, spec: BackendSpec):
-        engines, gpus, cpus = placement(self.settings, spec, self.backends, ray.cluster_resources().get("GPU", 0))
+        try:
+            engines, gpus, cpus = placement(self.settings, spec, self.backends, ray.cluster_resources().get("GPU", 0))
+        except ValueError as e:
+            raise ConfigError(f"{self.path}: {e}") from None
         pool = EnginePool(spec, self.factory, engines=engines, num_gpus=gpus, num_cpus=cpus,
                           max_restarts=self.settings.max_restarts)
         return CachedLLM(pool, self.cache, spec.backend) if self.cache is not None else pool

@@ -317,6 +317,8 @@ def test_placement_gives_each_model_backend_its_share_of_the_gpus():
     assert placement(RaySection(), vllm, 1, 0) == (1, 0.0, 1)              # no GPUs: one engine
     assert placement(RaySection(), openai, 1, 8) == (1, 0.0, 1)            # an HTTP client needs no GPU
     assert placement(RaySection(engines=3, cpus_per_engine=4), vllm, 1, 0) == (3, 0.0, 4)
+    with pytest.raises(ValueError, match=r"gpus_per_engine = 1, but the cluster has 0 GPU"):
+        placement(RaySection(gpus_per_engine=1), vllm, 1, 0)
 
 
 
