@@ -16,8 +16,8 @@ from kill_commands import build_inputs, commands
 #: Kill points per command here: the kinds named, one kill each (bench/faults.py: 20 of all kinds).
 FAST = {
     "run": ["shard write", "manifest write", "manifest rename", "cache write", "time"],
-    "dedup": ["shard write", "output rename"],
-    "score": ["file write", "output rename"],
+    "dedup": ["output rename"],
+    "score": ["file write"],
     "select": ["output rename"],
     "export": ["file write"],
     "train": ["adapter save"],
