@@ -1,4 +1,8 @@
-"""LoRA SFT of the student on curated shards: TRL's SFTTrainer on labels we build ourselves.
+"""SFT of the student on curated shards: TRL's SFTTrainer on labels we build ourselves.
+
+What trains is `TrainConfig.peft`: a LoRA adapter (default), IA3 vectors, a prefix (prefix
+tuning), each through PEFT's config, or every weight (``none``: a full fine-tune that writes a
+complete model folder). `core.models.student_kind` tells the results apart wherever they are loaded.
 
 Why TRL, and why our own labels: we tried TRL 1.16's ``assistant_only_loss=True`` first. It needs
 a chat template with ``{% generation %}`` markers; SmolLM2's has none and TRL ships no patched
@@ -261,7 +265,8 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def train(cfg: TrainConfig, data, out: str | Path, *, overwrite: bool = False) -> dict:
-    """LoRA-train `cfg.base_model` on `data` the way `cfg.method` says; write the adapter to `out`.
+    """Train `cfg.base_model` on `data` the way `cfg.method` and `cfg.peft` say; write the adapter (or,
+    for ``peft = "none"``, the model folder) to `out`.
 
     `data` are sources as `shard_files` reads them (or a frame). ``sft`` trains on their curated
     shards (`messages`); ``dpo`` on their preference pairs (`tuner.dpo.pair_files`; a frame needs
