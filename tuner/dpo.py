@@ -1,4 +1,4 @@
-"""LoRA DPO of the student on preference pairs: TRL's DPOTrainer on conversational pairs.
+"""DPO of the student (any `TrainConfig.peft`) on preference pairs: TRL's DPOTrainer on conversational pairs.
 
 Pairs are Parquet rows with ``prompt`` (the user turns), ``chosen`` and ``rejected`` (one assistant
 turn each), every one a list of ``{role, content}``: the conversational format DPOTrainer reads, so
@@ -6,11 +6,14 @@ TRL renders them with the chat template itself. With SmolLM2's template the rend
 generation prompt) is a token prefix of prompt + answer, and an answer's trained tokens are its
 content and ``<|im_end|>\\n``, exactly the tokens our SFT labels train (`tuner/masking.py`).
 
-The reference model is never a second copy of the weights (``ref_model=None``): for a new adapter
-TRL computes the reference log-probs with the adapter disabled (the base model); when it continues
-an adapter (``init_adapter``, or the SFT phase of ``sft+dpo``) TRL 1.16 adds a frozen LoRA copy of
-that adapter named ``ref`` and uses it, so the reference is the student DPO starts from, as in the
-DPO paper. Only the trained ``default`` adapter is saved. TRL turns dropout off for DPO (policy and
+For adapters the reference model is no second copy of the weights (``ref_model=None``): for a new
+adapter TRL computes the reference log-probs with the adapter disabled (the base model); when it
+continues an adapter (``init_adapter``, or the SFT phase of ``sft+dpo``) TRL 1.16 adds a frozen copy
+of that adapter named ``ref`` and uses it, so the reference is the student DPO starts from, as in
+the DPO paper. Two cases get a frozen model of their own, loaded next to the policy: a full
+fine-tune (``peft = "none"``: no adapter to switch off), and a continued IA3 adapter (TRL copies
+parameters named ``.default.`` into ``ref``; IA3's end in ``.default``, so its ``ref`` would be the
+base model). A new prefix-tuning adapter's reference is the base without the prefix. Only the trained ``default`` adapter is saved. TRL turns dropout off for DPO (policy and
 reference must score a sequence the same way), LoRA's included, whatever ``lora_dropout`` says.
 
 ``max_length`` bounds prompt + answer; TRL 1.16 has no separate prompt or completion limits any
