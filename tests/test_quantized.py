@@ -125,3 +125,19 @@ sampling = {{ temperature = 0.0, max_tokens = 48 }}
         if (tmp_path / "run" / "rejects").exists() else pl.DataFrame({"model": []})
     assert kept.height + rejects.height == 2
     assert set(kept["model"]) <= {teacher["name"]} and kept.height >= 1
+
+
+def test_model_identity_of_each_backend_kind():
+    """What `model_details` says per role without starting a backend: a vLLM quantization option, a
+    hosted API (its name as the openai backend writes it, and base_url; never a key)."""
+    from synthloop.core.llm import BackendSpec
+    from synthloop.outputs.manifest import model_identity
+
+    vllm = model_identity(BackendSpec(backend="vllm", model="embedded",
+                                      options={"quantization": "int8_per_channel_weight_only"}))
+    assert vllm["name"] == "embedded[int8_per_channel_weight_only]" and vllm["path"] == str(prepare_embedded().resolve())
+    assert vllm["quantization"] == "int8_per_channel_weight_only" and len(vllm["fingerprint"]) == 16
+    hosted = model_identity(BackendSpec(backend="openai", model="gpt-4o-mini",
+                                        options={"base_url": "https://api.example.com/v1", "api_key_env": "K"}))
+    assert hosted == {"backend": "openai", "model": "gpt-4o-mini", "name": "openai:gpt-4o-mini",
+                      "base_url": "https://api.example.com/v1"}
