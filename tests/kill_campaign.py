@@ -120,6 +120,8 @@ class Command:
     prepare: Callable[[Path], None] = lambda trial: None
     env: dict = field(default_factory=dict)
     timeout: float = 900
+    #: the output is finished (a command that refuses to overwrite it is then checked, not rerun)
+    finished: Callable[[Path], bool] = lambda trial: False
 
 
 @dataclass
@@ -248,10 +250,11 @@ def kill_and_rerun(cmd: Command, trial: Path, kind: str, at, clean: Outcome) -> 
         os.kill(pid, signal.SIGKILL)
     if not res.killed and rc != 0:
         res.problems.append(f"exited {rc} before the kill: {(trial / 'killed.stderr').read_text()[-500:]}")
-    rc = _finish(_start(cmd, trial, "rerun"), cmd.timeout)
-    if rc != 0:
-        res.problems.append(f"rerun exited {rc}: {(trial / 'rerun.stderr').read_text().strip()[-500:]}")
-        return res
+    if not cmd.finished(trial):      # killed after its output was complete: nothing to redo
+        rc = _finish(_start(cmd, trial, "rerun"), cmd.timeout)
+        if rc != 0:
+            res.problems.append(f"rerun exited {rc}: {(trial / 'rerun.stderr').read_text().strip()[-500:]}")
+            return res
     got = cmd.outcome(trial)
     res.problems += got.problems
     for have, want in ((got.kept, clean.kept), (got.rejected, clean.rejected)):
