@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+
 @dataclass(frozen=True)
 class Piece:
     index: int
@@ -46,7 +47,8 @@ class Piece:
 
 
 def connect(address: str | None = None) -> dict:
-    """Join the cluster at `address` (or a running/new local one); returns its CPU count."""
+    """Join the cluster at `address` (default: $RAY_ADDRESS, the cluster `ray start` last started
+    here, else a new local one) unless this process already has; returns its CPU count."""
     import ray
 
     if not ray.is_initialized():
@@ -101,21 +103,25 @@ def _table(**cols):
     return pa.table({k: pa.array(v) if not isinstance(v, pa.Array) else v for k, v in cols.items()})
 
 
-def _packed(rows: list[np.ndarray] | np.ndarray):
-    """Binary column: each row's array as raw bytes (one copy)."""
+def _packed(rows: np.ndarray, off: np.ndarray | None = None, idx: np.ndarray | None = None):
+    """Binary column of raw bytes: one per matrix row, or with `off` (and row numbers `idx`) the
+    ragged rows ``rows[off[i]:off[i+1]]`` of a flat array, gathered without a Python loop."""
     import pyarrow as pa
 
-    if isinstance(rows, np.ndarray):            # a matrix: fixed-width rows
-        width = rows.shape[1] * rows.itemsize
-        offsets = np.arange(rows.shape[0] + 1, dtype=np.int64) * width
-        data = np.ascontiguousarray(rows).view(np.uint8).ravel()
-    else:
-        sizes = np.array([r.nbytes for r in rows], np.int64)
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        offsets[1:] = np.cumsum(sizes)
-        data = np.concatenate([r.view(np.uint8) for r in rows]) if rows else np.zeros(0, np.uint8)
-    return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1,
-                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    if off is None:                                   # a matrix: fixed-width rows
+        off = np.arange(rows.shape[0] + 1, dtype=np.int64) * rows.shape[1]
+        rows = rows.ravel()
+    if idx is not None:
+        sizes = off[idx + 1] - off[idx]
+        new_off = np.zeros(idx.size + 1, np.int64)
+        new_off[1:] = np.cumsum(sizes)
+        rows = rows[np.arange(new_off[-1]) - np.repeat(new_off[:-1] - off[idx], sizes)]
+        off = new_off
+    size = rows.itemsize
+    data = np.ascontiguousarray(rows).view(np.uint8)
+    return pa.Array.from_buffers(pa.large_binary(), off.size - 1,
+                                 [None, pa.py_buffer((off - off[0]) * size),
+                                  pa.py_buffer(data[off[0] * size:off[-1] * size])])
 
 
 def _unpacked(col, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +192,7 @@ def _minhash_rows(batch, columns, cfg, mh):
     fp[fp == 0] = 1                              # as hashtable.fingerprint: the table's key
     if cfg.verify:
         flat, off = sets[0]
-        check = _packed([flat[off[i]:off[i + 1]] for i in idx])
+        check = _packed(flat, off, idx)
     else:
         check = _packed((sig[idx] & np.uint32(0xFF)).astype(np.uint8))
     return _table(ord=(p.ord0 + idx).astype(np.int64), check=check,
@@ -217,7 +223,8 @@ def _candidate_pairs(group: dict) -> dict:
         b.append(ords[s + j])
     a, b = np.concatenate(a), np.concatenate(b)
     keep = a != b                               # one row's two bands can share a fingerprint
-    return {"a": a[keep], "b": b[keep]}
+    key = np.unique(a[keep] * (1 << 32) + (b[keep] - a[keep]))   # rows sharing several bands
+    return {"a": key >> 32, "b": (key >> 32) + (key & 0xFFFFFFFF)}
 
 
 def _got(x):
@@ -353,11 +360,10 @@ def keep_first(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _write_piece(batch, dropped_ref, reason: str, stage: str, had_reason: bool):
-    import ray
     from synthloop.outputs.shards import write_parquet_atomic
 
     p = _piece_of(batch)
-    dropped = ray.get(dropped_ref) if isinstance(dropped_ref, ray.ObjectRef) else dropped_ref
+    dropped = _got(dropped_ref)
     df = read_piece(p)
     ords = np.arange(p.ord0, p.ord0 + df.height)
     dup = np.isin(ords, dropped[(dropped >= p.ord0) & (dropped < p.ord0 + df.height)])
