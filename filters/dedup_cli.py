@@ -303,8 +303,9 @@ def _run(args) -> int:
                    else _dedup_ray(args, inputs, cfg, columns, batch_rows, stage))
         for name in summary["kept_files"] + summary["rejects_files"]:
             os.replace(stage / name, out / name)
-        tmp = stage / "summary.json"
+        tmp = out / f".summary.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(stage)                    # before the summary: a finished folder holds no staging
         os.replace(tmp, out / "summary.json")   # last: its presence means the output is complete
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -319,10 +320,13 @@ def _remove_unfinished(out: Path) -> None:
 
     for f in [*out.glob("kept-*.parquet"), *out.glob("rejects-*.parquet")]:
         f.unlink()
-    for d in out.glob(".dedup-tmp-*"):
+    for d in [*out.glob(".dedup-tmp-*"), *out.glob(".summary.json.tmp-*")]:
         pid = d.name.rsplit("-", 1)[1]
         if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
 
 
 def _dedup(args, inputs, dedup, columns, batch_rows, stage: Path) -> dict:
