@@ -48,8 +48,8 @@ __all__ = ["tokenize", "rouge_l", "NoveltyIndex"]
 
 # Han, kana and CJK compatibility ideographs are one token per character (those scripts put no
 # spaces between words); any other run of letters and digits, in any script, is a token.
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")
 
 # Bounds are evaluated against threshold - _EPS.  F is computed by rouge_score
 # with a few roundings (relative error ~1e-15), so any pair whose exact 2L/(m+n)

@@ -4,7 +4,8 @@ Each prompt shows 8 numbered tasks (6 seed tasks + 2 machine-generated ones once
 some) and lets the model continue the list. Candidates are parsed from the numbered list and
 kept only if they pass the paper's filters, each drop counted by reason:
 
-- ``too_short`` / ``too_long``: fewer than 3 or more than 150 words
+- ``too_short`` / ``too_long``: fewer than 3 or more than 150 words (`word_count`: a Han or kana
+  character is a word)
 - ``unsupported_modality``: names image, graph, picture, file, map, draw, plot, go to, video,
   audio, music, flowchart or diagram (whole words, as the paper does)
 - ``starts_with_punctuation``, ``non_ascii_start`` (a non-ASCII character that is not a letter or
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from synthloop.core.registry import Context, register
-from synthloop.generator.rouge import NoveltyIndex
+from synthloop.generator.rouge import CJK, NoveltyIndex
 from synthloop.core.schema import make_batch
 from synthloop.core.stages import run_steps
 
@@ -45,6 +46,7 @@ BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file"
              "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
 _BLACK_RE = re.compile(r"\b(" + "|".join(re.escape(w) for w in BLACKLIST) + r")\b", re.IGNORECASE)
 _ITEM_RE = re.compile(r"\n\s*\d+\s*[.)]\s*")
+_CJK_RE = re.compile(f"[{CJK}]")
 OWN_REASONS = ("too_short", "too_long", "unsupported_modality", "starts_with_punctuation",
                "non_ascii_start", "write_a_program", "truncated", "too_similar")
 
@@ -91,16 +93,26 @@ def parse_list(completion: str) -> list[str]:
     return [re.sub(r"\s+", " ", p).strip() for p in parts if p.strip()]
 
 
+def word_count(text: str) -> int:
+    """Words as the length rules count them: whitespace-separated words, except that each Han or
+    kana character counts as one (those scripts put no spaces between words).
+
+    >>> word_count("Name three rivers."), word_count("请写一首短诗。"), word_count("Übersetze 日本語 bitte")
+    (3, 6, 5)
+    """
+    return sum(1 for w in text.split() if not _CJK_RE.search(w)) + len(_CJK_RE.findall(text))
+
+
 def rule_reason(inst: str, *, min_words: int = 3, max_words: int = 150) -> str | None:
     """The paper's rule-based drop reason for an instruction, or None if it passes.
 
     >>> rule_reason("Draw a cat for me please."), rule_reason("Übersetze den Satz ins Englische."), rule_reason("→ Sort a list.")
     ('unsupported_modality', None, 'non_ascii_start')
     """
-    words = inst.split()
-    if len(words) < min_words:
+    words = word_count(inst)
+    if words < min_words:
         return "too_short"
-    if len(words) > max_words:
+    if words > max_words:
         return "too_long"
     if _BLACK_RE.search(inst):
         return "unsupported_modality"

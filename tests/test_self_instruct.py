@@ -28,6 +28,8 @@ def test_parse_numbered_continuation():
     ("→ Liste drei Farben auf.", "non_ascii_start"),
     ("Écris une phrase en français.", None),           # a letter, if not an ASCII one
     ("Übersetze den Satz ins Englische.", None),
+    ("请写一首关于秋天的短诗。", None),                 # 12 characters: 11 words, not one
+    ("你好", "too_short"),
     ("Explain why the sky is blue.", None),
     ("Describe the profile of a good teacher.", None),   # 'file' inside a word is fine
 ])
