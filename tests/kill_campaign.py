@@ -199,7 +199,7 @@ def kill_points(cmd: Command, n: int, seconds: float, events: Counter, seed: int
     """`n` seeded kill points: the event triggers seen in the clean run and a random delay in turn
     (or only `kinds`)."""
     rng = random.Random(f"{seed}:{cmd.name}")
-    kinds = [k for k in kinds or [t.label for t in cmd.triggers] + ["time"] if k == "time" or events[k]]
+    kinds = [k for k in kinds or [t.label for t in cmd.triggers] + ["time"] if k == "time" or events[k]] or ["time"]
     points = []
     for i in range(n):
         kind = kinds[i % len(kinds)]

@@ -220,6 +220,9 @@ def commands(inputs: Path) -> list[Command]:
                                            "eval_loss": e["eval"].get("loss"), "wins": e["eval"].get("wins")}
         return res
 
+    def out_folder(trial: Path) -> None:      # made beforehand, so the watch sees its first file
+        (trial / "out").mkdir()
+
     table_triggers = [
         Trigger("file write", r"^out/\.(kept|rejects)\.parquet\.tmp-\d+$", IN_CREATE, temp=True),
         Trigger("output rename", r"^out/(kept|rejects)\.parquet$", IN_MOVED_TO),
@@ -233,18 +236,20 @@ def commands(inputs: Path) -> list[Command]:
                 [Trigger("shard write", r"^out/\.dedup-tmp-\d+/\..*\.tmp-\d+$", IN_CREATE, temp=True),
                  Trigger("output rename", r"^out/(kept|rejects)-\d+\.parquet$", IN_MOVED_TO),
                  Trigger("summary rename", r"^out/summary\.json$", IN_MOVED_TO)],
-                finished=lambda t: (t / "out" / "summary.json").exists()),
+                prepare=out_folder, finished=lambda t: (t / "out" / "summary.json").exists()),
         Command("score", lambda t: _cli("score", str(inputs / "score_in.parquet"), "--out", str(t / "out"),
                                         "--scorer", "judge", "--model", "judge", "--set", "min_score=0.5",
                                         "--batch-rows", "4", "--quiet"),
-                lambda t: _table_outcome(t / "out", "kept.parquet", "rejects.parquet", n_score), table_triggers),
+                lambda t: _table_outcome(t / "out", "kept.parquet", "rejects.parquet", n_score), table_triggers,
+                prepare=out_folder),
         Command("select", lambda t: _cli("select", str(inputs / "select_in.parquet"), "--out", str(t / "out"),
                                          "--budget", "15", "--score-column", "quality", "--quiet"),
-                lambda t: _table_outcome(t / "out", "kept.parquet", "rejects.parquet", n_score), table_triggers),
+                lambda t: _table_outcome(t / "out", "kept.parquet", "rejects.parquet", n_score), table_triggers,
+                prepare=out_folder),
         Command("export", lambda t: _cli("export", "--format", "sft", str(inputs / "run"), "--out", str(t / "out")),
                 lambda t: _table_outcome(t / "out", "sft-00000.parquet", None, n_score),
                 [Trigger("file write", r"^out/\.sft-00000\.parquet\.tmp-\d+$", IN_CREATE, temp=True),
-                 Trigger("output rename", r"^out/sft-00000\.parquet$", IN_MOVED_TO)]),
+                 Trigger("output rename", r"^out/sft-00000\.parquet$", IN_MOVED_TO)], prepare=out_folder),
         Command("train", lambda t: _cli("train", str(inputs / "run"), "--out", str(t / "adapter"),
                                         "--config", str(inputs / "train.toml"), "--overwrite"),
                 train_outcome,
