@@ -34,7 +34,7 @@ from synthloop.core.schema import LANGUAGE
 from synthloop.core.stages import bump, drop_where
 
 #: Characters of the record the detector sees: enough for a confident call, cheap at 10K records.
-MAX_CHARS = 200
+MAX_CHARS = 120
 
 #: CLD2's codes that are not ISO 639-1.
 _CLD2_CODES = {"iw": "he", "jw": "jv", "zh-Hant": "zh", "xxx": None, "un": None}
