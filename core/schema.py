@@ -119,16 +119,6 @@ def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(out, schema=SCHEMA) if out else empty_batch()
 
 
-def with_responses(batch: pl.DataFrame, responses: list[str], model: str) -> pl.DataFrame:
-    """Fill `response` (and the chat `messages`) of every row; `model` names who answered."""
-    rows = batch.to_dicts()
-    for r, resp in zip(rows, responses, strict=True):
-        r["response"] = resp
-        r["messages"] = to_messages(r["instruction"], r["input"], resp)
-        r["model"] = model
-    return make_batch(rows) if rows else batch
-
-
 def conform(df: pl.DataFrame, *, source: str = "batch") -> pl.DataFrame:
     """Check a frame has exactly our columns and types (in order); raise naming what is off."""
     if df.schema == SCHEMA:

@@ -65,15 +65,19 @@ def _descriptor_2_to(log: Path) -> Iterator[None]:
     os.dup2(fd, 2)
     os.close(fd)
     swap = sys.stderr is sys.__stderr__      # else someone captures sys.stderr already (tests)
+    ours = None
     if swap:
-        sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=sys.__stderr__.encoding or "utf-8",
-                          errors="backslashreplace")
+        ours = sys.stderr = open(os.dup(terminal), "w", buffering=1, encoding=sys.__stderr__.encoding or "utf-8",
+                                 errors="backslashreplace")
     try:
         yield
     finally:
-        if swap:
-            sys.stderr.close()
-            sys.stderr = sys.__stderr__
+        if ours is not None:
+            # Never closed here: whatever took a reference to it meanwhile (a logging handler, a
+            # thread) keeps a working stream; it closes when the last reference goes.
+            ours.flush()
+            if sys.stderr is ours:
+                sys.stderr = sys.__stderr__
         sys.__stderr__.flush()
         os.dup2(terminal, 2)
         os.close(terminal)
@@ -128,10 +132,8 @@ def engine_logs(run_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]
                 lg.addHandler(h)
             lg.setLevel(level)
             lg.propagate = propagate
-        if hf_logging is not None:
-            hf_logging.enable_default_handler()
-            if bars:
-                hf_logging.enable_progress_bar()
+        if hf_logging is not None and bars:      # its handlers came back with the saved ones above
+            hf_logging.enable_progress_bar()
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)
