@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import logging.config
 import os
 import sys
 import tempfile
@@ -53,6 +52,31 @@ def logging_config(log: Path, *, verbose: bool) -> dict:
             "loggers": {name: {"handlers": list(handlers), "level": "INFO", "propagate": False}
                         for name in ENGINE_LOGGERS},
             "root": {"handlers": list(handlers), "level": "WARNING"}}
+
+
+def _route(log: Path, *, verbose: bool) -> None:
+    """Route the engine loggers and the root to `log` (and stderr if `verbose`) in this process.
+
+    Not `logging.config.dictConfig`: that first closes every handler of the process (its
+    `_clearExistingHandlers`), including those of whoever embeds synthloop; the saved handlers
+    are put back after the run instead."""
+    fmt = logging.Formatter(logging_config(log, verbose=verbose)["formatters"]["plain"]["format"])
+    handlers: list[logging.Handler] = [RunLogHandler(str(log))]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for h in handlers:
+        h.setFormatter(fmt)
+    for name in (*ENGINE_LOGGERS, ""):
+        lg = logging.getLogger(name or None)
+        for h in lg.handlers[:]:
+            lg.removeHandler(h)
+        for h in handlers:
+            lg.addHandler(h)
+        if name:
+            lg.setLevel(logging.INFO)
+            lg.propagate = False
+        else:
+            lg.setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -117,7 +141,7 @@ def engine_logs(run_dir: str | Path, *, verbose: bool = False) -> Iterator[Path]
         log.parent.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.nullcontext() if verbose else _descriptor_2_to(log):
-            logging.config.dictConfig(config)
+            _route(log, verbose=verbose)
             logging.captureWarnings(True)
             yield log
     finally:
