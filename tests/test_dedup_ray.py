@@ -21,7 +21,7 @@ from synthloop.filters.dedup_ray import keep_first, pieces  # noqa: E402
 from test_dedup import PARA, _mutate, _text  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -116,6 +116,8 @@ def _build_kill(cfg, ctx):
 def cluster():
     """A local cluster for this module; its address lets another process's driver join it. Its
     workers import the scripted backend from tests/, as a real cluster's import synthloop."""
+    if ray.is_initialized():             # another module's cluster: ours needs its runtime_env
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=WORKERS)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
