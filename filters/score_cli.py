@@ -3,6 +3,10 @@
     synthloop score data.parquet --out scored/ --scorer judge --model embedded --set min_score=0.6
     synthloop score a.jsonl b.jsonl --out ifd/ --scorer ifd --set max_ifd=1.0
     synthloop select scored/kept.parquet --out picked/ --budget 1000 --score-column quality
+    synthloop score data.parquet --out ifd/ --scorer ifd --executor ray [--address HEAD:6379]
+
+With ``--executor ray`` the scorer (or, for select, the embedding model) runs as replicas on a
+Ray cluster, one per GPU or per CPU (filters/ray_replicas.py); the output rows are the same.
 
 Inputs are Parquet or JSONL, either in the synthloop schema or any table with instruction /
 response columns (names set with --instruction-field etc.). Every input is read and checked
@@ -142,39 +146,59 @@ def _settings(pairs: list[str]) -> dict:
     return out
 
 
-def _scorer(args):
-    """(batch function, close function) for --scorer, built through the stage registry.
-
-    Loads models, so it is called only after every input has been checked."""
+def scorer_settings(args) -> tuple[dict, dict]:
+    """(--set settings, checked like a stage table; the judge/deita backend's BackendSpec fields)."""
     import dataclasses
 
     from synthloop.core import registry
-    from synthloop.core.llm import BackendSpec, open_llm
+    from synthloop.core.config import from_dict
 
     settings = _settings(args.set)
     cls = registry.config_class("scorer", args.scorer)
     if args.model and "model" in {f.name for f in dataclasses.fields(cls)}:
         settings.setdefault("model", args.model)        # ifd: the student; reward: the RM
-    opened = []
+    from_dict(cls, dict(settings), path="--set", text="", table=args.scorer)
+    return settings, {"backend": args.backend, "model": args.model or "embedded",
+                      "options": _settings(args.backend_option)}
 
-    def llm(role: str):                                  # judge/deita: --model on --backend
-        if not opened:
-            opened.append(open_llm(BackendSpec(backend=args.backend, model=args.model or "embedded",
-                                               options=_settings(args.backend_option))))
-        return opened[0]
 
-    def close() -> None:
-        if hasattr(fn, "close"):
-            fn.close()
-        for o in opened:
+class OpenedScorer:
+    """--scorer built through the stage registry, with the judge/deita backend it opens, called on
+    polars frames (here) or Arrow tables (in a Ray replica, filters/ray_replicas.py).
+
+    Loads models, so it is built only after every input has been checked."""
+
+    def __init__(self, name: str, settings: dict, backend: dict):
+        from synthloop.core import registry
+
+        self.backend, self.opened, self.fn = backend, [], None
+        try:
+            self.fn = registry.build_scorer(name, dict(settings), self._llm)
+        except ValueError:
+            self.close()
+            raise
+
+    def _llm(self, role: str):                           # judge/deita: --model on --backend
+        from synthloop.core.llm import BackendSpec, open_llm
+
+        if not self.opened:
+            self.opened.append(open_llm(BackendSpec(**self.backend)))
+        return self.opened[0]
+
+    @property
+    def stats(self):
+        return getattr(self.fn, "stats", None)
+
+    def __call__(self, batch):
+        if isinstance(batch, pl.DataFrame):
+            return self.fn(batch)
+        return self.fn(pl.from_arrow(batch)).to_arrow()
+
+    def close(self) -> None:
+        if hasattr(self.fn, "close"):
+            self.fn.close()
+        for o in self.opened:
             o.close()
-    fn = None
-    try:
-        fn = registry.build_scorer(args.scorer, settings, llm)
-    except ValueError:
-        close()
-        raise
-    return fn, close
 
 
 def _progress(enabled: bool):
@@ -188,39 +212,57 @@ def _progress(enabled: bool):
 def run_score(args) -> int:
     """Score/filter the inputs with one scorer; returns the exit code."""
     from synthloop.core.config import ConfigError
+    from synthloop.filters import ray_replicas
 
     try:
         if args.batch_rows < 1:
             raise InputError(f"--batch-rows must be >= 1, got {args.batch_rows}")
         df = read_all(args.inputs, args, need_response=args.scorer != "deita")
-        fn, close = _scorer(args)
+        settings, backend = scorer_settings(args)
+        if args.executor == "ray":
+            ray_replicas.require_ray()
+            replicas = ray_replicas.scorer_pool(args, settings, backend)
+        else:
+            fn = OpenedScorer(args.scorer, settings, backend)
     except (InputError, ConfigError, ValueError, OSError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     todo = df.filter(pl.col("drop_reason").is_null())
-    done = []
-    try:
-        with _progress(not args.quiet) as bar:
-            task = bar.add_task(f"{args.scorer}", total=todo.height)
-            for part in todo.iter_slices(args.batch_rows):
-                done.append(fn(part))
-                bar.advance(task, part.height)
-    finally:
-        close()
+    done, extra = [], {}
+    with _progress(not args.quiet) as bar:
+        task = bar.add_task(f"{args.scorer}", total=todo.height)
+        if args.executor == "ray":
+            try:
+                frame, stats, extra["ray"] = ray_replicas.score(replicas, todo, args.batch_rows,
+                                                                lambda n: bar.advance(task, n))
+            finally:
+                replicas.close()
+            done.append(frame)
+        else:
+            try:
+                for part in todo.iter_slices(args.batch_rows):
+                    done.append(fn(part))
+                    bar.advance(task, part.height)
+            finally:
+                fn.close()
+            stats = ray_replicas.plain_stats(fn.stats)
     summary = write_outputs(pl.concat(done, how="vertical") if done else todo, args.out, args.scorer,
                             df.filter(pl.col("drop_reason").is_not_null()))
-    stats = getattr(fn, "stats", None)
     if stats is not None:
-        summary["stats"] = (stats.as_dict() if hasattr(stats, "as_dict") else
-                            {k: v.as_dict() if hasattr(v, "as_dict") else v for k, v in stats.items()})
-    print(json.dumps(summary))
+        summary["stats"] = stats
+    print(json.dumps({**summary, **extra}))
     return 0
 
 
 # ---------------------------------------------------------------- select
 
+def todo_rows(df: pl.DataFrame) -> int:
+    return df.height and df["drop_reason"].null_count()
+
+
 def run_select(args) -> int:
     """Diversity-aware selection of the inputs under a budget; returns the exit code."""
+    from synthloop.filters import ray_replicas
     from synthloop.filters.select import score_expr, select
 
     try:
@@ -230,16 +272,25 @@ def run_select(args) -> int:
             raise InputError(f"--budget must be >= 0, got {args.budget}")
         if not -1 <= args.threshold <= 1:
             raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
+        replicas = None
+        if args.executor == "ray" and args.budget and todo_rows(df):
+            ray_replicas.require_ray()
+            replicas = ray_replicas.encoder_pool(args)
     except (InputError, ValueError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
     arrived = df.filter(pl.col("drop_reason").is_not_null())
     todo = df.filter(pl.col("drop_reason").is_null())
-    with _progress(not args.quiet) as bar:
-        task = bar.add_task("selecting", total=todo.height)
-        out = select(todo, budget=args.budget, score_column=args.score_column, threshold=args.threshold,
-                     text=args.text, progress=lambda i: bar.update(task, completed=i + 1))
-        bar.update(task, completed=bar.tasks[0].total)
+    try:
+        with _progress(not args.quiet) as bar:
+            task = bar.add_task("selecting", total=todo.height)
+            out = select(todo, budget=args.budget, score_column=args.score_column, threshold=args.threshold,
+                         text=args.text, progress=lambda i: bar.update(task, completed=i + 1),
+                         embed=ray_replicas.embedder(replicas) if replicas else None)
+            bar.update(task, completed=bar.tasks[0].total)
+    finally:
+        if replicas:
+            replicas.close()
     print(json.dumps(write_outputs(out, args.out, "select", arrived)))
     return 0
 
@@ -251,6 +302,17 @@ def _common(p) -> None:
     p.add_argument("--input-field", default="input")
     p.add_argument("--response-field", default="response")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (this process) or ray (replicas on a Ray cluster; the same rows)")
+    p.add_argument("--address", default="",
+                   help="Ray cluster address (default: $RAY_ADDRESS or the cluster `ray start` last "
+                        "started here, else a new local one)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="with --executor ray: model replicas (default: one per GPU, else one per "
+                        "--cpus-per-replica CPUs)")
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="with --executor ray: GPUs each replica takes (default 1 on a GPU cluster, else 0)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --executor ray: CPUs each replica takes")
 
 
 def add_parser(subparsers) -> None:
