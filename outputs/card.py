@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from synthloop.core.schema import SCHEMA, SCORES
 from synthloop.outputs.manifest import load_manifest
 from synthloop.outputs.rounds import load_rounds
 from synthloop.outputs.run_reader import read_kept, round_dirs, run_dirs
+from synthloop.outputs.shards import write_bytes_atomic
 
 COLUMNS = {
     "id": "content hash of the normalised instruction + input (stable across runs and rounds)",
@@ -207,7 +207,5 @@ def write_card(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/README.md`` (atomically) and return its path."""
     run_dir = Path(run_dir)
     path = run_dir / "README.md"
-    tmp = run_dir / f".README.md.tmp-{os.getpid()}"
-    tmp.write_text(render_card(run_dir))
-    os.replace(tmp, path)
+    write_bytes_atomic(render_card(run_dir).encode("utf-8"), path)
     return path

@@ -22,7 +22,6 @@ the old file or the new one.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import polars as pl
 
 from synthloop.core.schema import MESSAGE
 from synthloop.outputs.run_reader import read_kept, read_rejects, run_dirs
-from synthloop.outputs.shards import write_parquet_atomic
+from synthloop.outputs.shards import write_bytes_atomic, write_parquet_atomic
 
 FORMATS = ("sft", "dpo", "alpaca", "sharegpt")
 CHAT = pl.List(MESSAGE)
@@ -69,15 +68,7 @@ def preference_pairs(run_dir: str | Path) -> pl.DataFrame:
 
 
 def _write_json(items: list, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(items, fh, ensure_ascii=False, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(json.dumps(items, ensure_ascii=False, indent=1).encode("utf-8"), path)
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path) -> dict:

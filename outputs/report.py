@@ -9,7 +9,6 @@ read-only, so a report can be made while a run is still going.
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from synthloop.outputs.manifest import load_manifest
 from synthloop.outputs.paths import inside
 from synthloop.outputs.rounds import load_base, load_rounds
 from synthloop.outputs.run_reader import kept_paths, read_kept, read_rejects, run_dirs
-from synthloop.outputs.shards import scan_shards
+from synthloop.outputs.shards import scan_shards, write_bytes_atomic
 
 KEPT, DROPPED = "#2b7bba", "#d9534f"
 EXAMPLES = 5          # kept records shown per run, as text (escaped: it is model output)
@@ -323,7 +322,5 @@ def write_report(run_dir: str | Path) -> Path:
     for stale in set(out.glob("*.png")) - {p for _, p in plots}:   # a plot that no longer applies
         stale.unlink()
     index = out / "index.html"
-    tmp = out / f".index.html.tmp-{os.getpid()}"
-    tmp.write_text(render_html(run_dir, runs, rounds, plots))
-    os.replace(tmp, index)
+    write_bytes_atomic(render_html(run_dir, runs, rounds, plots).encode("utf-8"), index)
     return index

@@ -23,8 +23,9 @@ written atomically, so a killed loop leaves the previous version.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from synthloop.outputs.shards import write_bytes_atomic
 
 FORMAT = 1
 FILENAME = "rounds.json"
@@ -45,14 +46,7 @@ def _read(run_dir: str | Path) -> dict:
 
 
 def _write(run_dir: Path, data: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / FILENAME
-    tmp = path.with_name(f".{FILENAME}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"format": FORMAT, **data}, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(json.dumps({"format": FORMAT, **data}, indent=2).encode("utf-8"), run_dir / FILENAME)
 
 
 def load_base(run_dir: str | Path) -> dict | None:

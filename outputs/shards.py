@@ -26,16 +26,22 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path, *, compression: str = "zs
 
     >>> write_parquet_atomic(pl.DataFrame({"a": [1]}), Path("/tmp/_sl_doc.parquet"))
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # Encoded in memory, written with Python's own file calls: a full disk then raises OSError
     # (ENOSPC) naming the file; polars' own writer reports it as an unrelated format error.
     buf = io.BytesIO()
     df.write_parquet(buf, compression=compression, statistics=True)
+    write_bytes_atomic(buf.getbuffer(), path)
+
+
+def write_bytes_atomic(data: bytes | memoryview, path: Path) -> None:
+    """Write `data` to `path` under a temporary name, fsync, rename: `path` is either the old
+    file or the new one. Temporary files that killed writers left beside it are removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -54,3 +54,20 @@ def test_shards_load_in_duckdb_and_datasets(tmp_path):
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "shard-*.parquet"), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 6 and ds[0]["messages"][1] == {"role": "assistant", "content": "Answer 0."}
+
+
+def test_atomic_writes_clear_what_killed_writers_left(tmp_path):
+    """Every atomic file write (shards, JSON exports, reports, cards, rounds.json) goes through
+    write_bytes_atomic: a killed writer's temp file (a dead pid) goes; a live writer's stays."""
+    import os
+
+    from synthloop.outputs.shards import write_bytes_atomic
+
+    dead = tmp_path / f".alpaca.json.tmp-{2**22 + 7}"          # above Linux's pid_max: no such process
+    live = tmp_path / f".alpaca.json.tmp-{os.getpid()}x"      # not a pid: left alone
+    mine = tmp_path / f".alpaca.json.tmp-{os.getppid()}"      # a running process's
+    for p in (dead, live, mine):
+        p.write_text("partial")
+    write_bytes_atomic(b"[]", tmp_path / "alpaca.json")
+    assert (tmp_path / "alpaca.json").read_text() == "[]"
+    assert not dead.exists() and live.exists() and mine.exists()
