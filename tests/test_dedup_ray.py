@@ -78,8 +78,8 @@ def _same(tmp_path, inputs, *args):
 
 
 @pytest.mark.parametrize("extra", [["--method", "exact"], ["--method", "minhash"],
-                                   ["--method", "minhash", "--no-verify"],
-                                   ["--method", "minhash", "--bands", "32", "--rows", "2"]])
+                                   # unverified candidates (signature bits) under a custom band layout
+                                   ["--method", "minhash", "--no-verify", "--bands", "32", "--rows", "2"]])
 def test_ray_keeps_the_local_rows(tmp_path, cluster, extra):
     inputs, old = _near_dup_corpus(tmp_path)
     ls, rs = _same(tmp_path, inputs, *extra, "--preload", old)

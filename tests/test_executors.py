@@ -7,15 +7,14 @@ run length, and replays a warm request cache without a single model call.
 """
 from __future__ import annotations
 
-import gc
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -360,22 +359,43 @@ type = "heuristics"
 """
 
 
-def test_memory_stays_flat_in_run_length(tmp_path, executors):
+MEMORY_PROBE = """
+import gc, json, sys, tracemalloc
+from pathlib import Path
+from scripted_llm import scripted_factory
+from synthloop.core.config import parse_config
+from synthloop.engine import runner
+from test_executors import SEEDS_ONLY
+
+tmp, made, real = Path(sys.argv[1]), [], runner.make_executor
+runner.make_executor = lambda *a, **kw: made.append(real(*a, **kw)) or made[-1]
+peaks, batches = [], []
+for repeat in (1, 4, 16):                # the first run pays one-time costs (imports, caches)
+    cfg = parse_config(SEEDS_ONLY.format(cache=tmp / f"r{repeat}.sqlite", repeat=repeat), path="long.toml")
+    gc.collect()
+    tracemalloc.start()
+    m = runner.execute(cfg, out=tmp / f"r{repeat}", show_progress=False,
+                       backend_factory=scripted_factory(latency=0.002))
+    peaks.append(tracemalloc.get_traced_memory()[1])
+    tracemalloc.stop()
+    assert m["complete"]
+    batches.append(m["batches"])
+print(json.dumps({"peaks": peaks, "batches": batches,
+                  "bounded": all(e.peak_batches <= e.max_batches for e in made)}))
+"""
+
+
+def test_memory_stays_flat_in_run_length(tmp_path):
     """The same seeds again and again (their ids repeat, so the dataset stops growing): what a
-    longer run holds at its peak is what a short one holds."""
-    peaks, batches = [], []
-    for repeat in (1, 4, 16):                # the first run pays one-time costs (imports, caches)
-        cfg = parse_config(SEEDS_ONLY.format(cache=tmp_path / f"r{repeat}.sqlite", repeat=repeat), path="long.toml")
-        gc.collect()
-        tracemalloc.start()
-        m = execute(cfg, out=tmp_path / f"r{repeat}", show_progress=False, backend_factory=scripted_factory(latency=0.002))
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        assert m["complete"]
-        batches.append(m["batches"])
-    peaks, batches = peaks[1:], batches[1:]
-    assert batches[1] == 4 * batches[0]
-    assert all(e.peak_batches <= e.max_batches for e in executors)
+    longer run holds at its peak is what a short one holds. In a fresh process, so that no
+    other test's threads allocate while it is measured (tracemalloc counts every thread)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    peaks, batches = got["peaks"][1:], got["batches"][1:]
+    assert batches[1] == 4 * batches[0] and got["bounded"]
     assert peaks[1] < 1.2 * peaks[0], peaks          # 4x the batches; only the manifest's shard list grows
 
 
