@@ -1,5 +1,6 @@
 """The seven commands of the kill campaign on the scripted backend (tests/scripted_cli.py) and a
-tiny random Llama for training: what each runs, where it can be killed, what it must leave.
+tiny random Llama for training: what each runs, where it can be killed, what it must leave; and
+`run-embedded`, `run` generating with the embedded model (the slow variant).
 
 `build_inputs(folder, tiny_model)` writes the shared inputs once (a finished run, a dedup input
 with planted duplicates, a scored table, a training config); `commands(inputs)` returns the
@@ -55,6 +56,32 @@ type = "heuristics"
 
 [[stages]]
 type = "exact_dedup"
+"""
+
+#: `run-embedded`: real generation by the embedded model (the slow variant, bench/faults.py only)
+EMBEDDED_CONFIG = """
+[run]
+name = "faults-embedded"
+limit = 4
+shard_rows = 1
+cache = "{cache}"
+
+[llm.generator]
+backend = "transformers"
+options = {{ batch_size = 8 }}
+
+[source]
+type = "self_instruct"
+prompts_per_step = 3
+sampling = {{ temperature = 1.0, top_p = 0.9, max_tokens = 64, stop = ["\\n\\n", "\\n14."] }}
+
+[[stages]]
+type = "instances"
+instance_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 64, stop = ["###", "\\nTask:"] }}
+answer_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 96 }}
+
+[[stages]]
+type = "heuristics"
 """
 
 ROUNDS_TABLES = """
@@ -113,6 +140,15 @@ def run_outcome(run: Path, tag: str = "") -> Outcome:
         out.rejected.update(tag + i for i in _ids(run / e["path"]))
     out.extra[f"{tag}stages"] = m["stages"]
     return out
+
+
+def committed_outcome(run: Path) -> Outcome:
+    """The ids a killed run had committed (none before its first commit)."""
+    if not (run / "manifest.json").exists():
+        return Outcome()
+    got = run_outcome(run)
+    got.problems = []            # "not complete" is what a killed run is
+    return got
 
 
 def _table_outcome(out: Path, kept_name: str, rejects_name: str | None, n_in: int) -> Outcome:
@@ -227,7 +263,16 @@ def commands(inputs: Path) -> list[Command]:
         Trigger("file write", r"^out/\.(kept|rejects)\.parquet\.tmp-\d+$", IN_CREATE, temp=True),
         Trigger("output rename", r"^out/(kept|rejects)\.parquet$", IN_MOVED_TO),
     ]
+    def embedded_prepare(trial: Path) -> None:
+        (trial / "run.toml").write_text(EMBEDDED_CONFIG.format(cache=trial / "req.sqlite"))
+
     return [
+        Command("run-embedded",
+                lambda t: [sys.executable, "-m", "synthloop.engine.cli", "run", str(t / "run.toml"),
+                           "--out", str(t / "out"), "--quiet"],
+                lambda t: run_outcome(t / "out"), _run_triggers("out/"), prepare=embedded_prepare,
+                env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}, timeout=1800,
+                committed=lambda t: committed_outcome(t / "out")),
         Command("run", lambda t: _cli("run", str(t / "run.toml"), "--out", str(t / "out"), "--quiet"),
                 lambda t: run_outcome(t / "out"), _run_triggers("out/"), prepare=run_prepare),
         Command("dedup", lambda t: _cli("dedup", str(inputs / "dedup_in.parquet"), "--out", str(t / "out"),
