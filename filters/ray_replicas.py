@@ -38,12 +38,15 @@ def plain_stats(stats: Any) -> Any:
 
 
 def add_stats(a: Any, b: Any, sign: int = 1) -> Any:
-    """a + sign * b over nested dicts of numbers (b's missing keys count as 0)."""
-    if isinstance(a, dict):
-        return {k: add_stats(v, b.get(k, 0) if isinstance(b, dict) else 0, sign) for k, v in a.items()}
-    if isinstance(a, (int, float)) and not isinstance(a, bool) and isinstance(b, (int, float)):
+    """a + sign * b over nested dicts of numbers; a key either side lacks counts as 0 there, and
+    what is not a number (a name) is kept as it is."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})
+        return {k: add_stats(a.get(k, 0), b.get(k, 0), sign) for k in {**a, **b}}
+    number = (int, float)
+    if isinstance(a, number) and isinstance(b, number) and not isinstance(a, bool) and not isinstance(b, bool):
         return a + sign * b
-    return a
+    return b if isinstance(a, number) and a == 0 else a
 
 
 class _Replica:

@@ -133,6 +133,9 @@ def test_placement_and_stats_sums(cluster):
         placement(None, 1.0, 1.0)
     assert add_stats({"a": 3, "b": {"c": 2.5}, "name": "x"}, {"a": 1, "b": {"c": 0.5}}, -1) == \
         {"a": 2, "b": {"c": 2.0}, "name": "x"}
+    # a counter that first appears in a later batch (a new drop reason) is added, not lost
+    assert add_stats({"reasons": {"long": 2}}, {"reasons": {"long": 1, "empty": 4}, "calls": 1}) == \
+        {"reasons": {"long": 3, "empty": 4}, "calls": 1}
 
 
 def test_bad_placement_exits_2_before_any_work(cluster, tmp_path, capsys):
