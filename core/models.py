@@ -6,7 +6,9 @@ a model hub, ever: the environment is set offline before transformers is importe
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import sys
@@ -52,14 +54,30 @@ def prepare_embedded(root: Path | None = None, *, force: bool = False) -> Path:
     target = embedded_dir(root)
     if (target / "config.json").exists() and not force:
         return target
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     gguf = _gguf_path()
     print(f"preparing the embedded model from {gguf} -> {target}", file=sys.stderr)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()      # in a terminal each finished bar left an empty line
+    try:
+        _convert(gguf, target)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """The GGUF file dequantized into a plain float32 HF folder at `target`, written beside it
+    and renamed."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar, which no setting turns off; errors still raise
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config.
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
@@ -78,7 +96,6 @@ def prepare_embedded(root: Path | None = None, *, force: bool = False) -> Path:
     model.generation_config.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
 #: PEFT types a trained student folder can hold, by adapter_config.json's ``peft_type``.
