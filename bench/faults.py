@@ -11,10 +11,10 @@ compared with the uninterrupted run. Generation is the scripted backend (the rea
 tests/scripted_cli.py); training and evaluation are a tiny random Llama's.
 
 The slow variant, `--commands run-embedded`, is `synthloop run` itself generating with the
-embedded model (self-instruct and instances, 4 records, a shard per record). A real model's
-answers depend on how requests happen to be batched, so no two runs write the same records; each
-rerun is held to what its killed run had committed: every committed id is still there, none
-twice, the manifest complete and adding up.
+embedded model (self-instruct, answers by distillation, heuristics; 4 records, a shard per
+record). A real model's answers depend on how requests happen to be batched, so no two runs
+write the same records; each rerun is held to what its killed run had committed: every
+committed id is still there, none twice, the manifest complete and adding up.
 
 Bad server (tests/fault_proxy.py): a seeds -> judge run whose judge is the openai backend, talking
 to a fault-injecting proxy (20% of attempts) in front of a local model server; prints the proxy's

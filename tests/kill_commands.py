@@ -72,13 +72,13 @@ options = {{ batch_size = 8 }}
 
 [source]
 type = "self_instruct"
-prompts_per_step = 3
-sampling = {{ temperature = 1.0, top_p = 0.9, max_tokens = 64, stop = ["\\n\\n", "\\n14."] }}
+prompts_per_step = 1
+steps_in_flight = 1
+sampling = {{ temperature = 1.0, top_p = 0.9, max_tokens = 96, stop = ["\\n\\n", "\\n14."] }}
 
 [[stages]]
-type = "instances"
-instance_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 64, stop = ["###", "\\nTask:"] }}
-answer_sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 96 }}
+type = "distill"
+sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 160 }}
 
 [[stages]]
 type = "heuristics"
