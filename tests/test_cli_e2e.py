@@ -17,31 +17,14 @@ import time
 import polars as pl
 import pytest
 
+from kill_commands import EMBEDDED_CONFIG
 from synthloop.generator.rouge import NoveltyIndex
 from synthloop.outputs.manifest import count_problems
 from synthloop.seeds.loaders import load_seeds
 
-CONFIG = """
-[run]
-name = "e2e"
-limit = 4
-shard_rows = 1
-cache = "{cache}"
-
-[llm.generator]
-backend = "transformers"
-options = {{ batch_size = 8 }}
-
-[source]
-type = "self_instruct"
-prompts_per_step = 1
-steps_in_flight = 1
-sampling = {{ temperature = 1.0, top_p = 0.9, max_tokens = 96, stop = ["\\n\\n", "\\n14."] }}
-
-[[stages]]
-type = "distill"
-sampling = {{ temperature = 0.7, top_p = 0.9, max_tokens = 160 }}
-"""
+# self-instruct with the embedded model, answers by distillation, heuristics; 4 records, a shard
+# each (the kill campaign's slow variant runs the same config)
+CONFIG = EMBEDDED_CONFIG
 
 
 CHILDREN: list[subprocess.Popen] = []
