@@ -119,6 +119,31 @@ def make_batch(rows: Iterable[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(out, schema=SCHEMA) if out else empty_batch()
 
 
+def upgrade(frame: pl.DataFrame | pl.LazyFrame, schema: pl.Schema = SCHEMA) -> pl.DataFrame | pl.LazyFrame:
+    """A frame an older synthloop wrote, with what `schema` has gained since filled with null: a
+    missing column (``language``) or a missing field of a struct column (``scores.safety``).
+    Columns come in schema order, any others after them; nothing is dropped or retyped.
+
+    >>> upgrade(pl.DataFrame({"id": ["a"]}), pl.Schema({"id": pl.String, "n": pl.Int32})).row(0)
+    ('a', None)
+    """
+    have = frame.collect_schema() if isinstance(frame, pl.LazyFrame) else frame.schema
+    if have == schema:
+        return frame
+    cols = []
+    for name, dtype in schema.items():
+        if name not in have:
+            cols.append(pl.lit(None, dtype=dtype).alias(name))
+        elif isinstance(dtype, pl.Struct) and isinstance(have[name], pl.Struct) and have[name] != dtype:
+            old = {f.name for f in have[name].fields}
+            cols.append(pl.when(pl.col(name).is_not_null()).then(pl.struct(
+                [pl.col(name).struct.field(f.name) if f.name in old else pl.lit(None, dtype=f.dtype).alias(f.name)
+                 for f in dtype.fields])).otherwise(None).alias(name))
+        else:
+            cols.append(pl.col(name))
+    return frame.select(cols + [pl.col(c) for c in have.names() if c not in schema])
+
+
 def conform(df: pl.DataFrame, *, source: str = "batch") -> pl.DataFrame:
     """Check a frame has exactly our columns and types (in order); raise naming what is off."""
     if df.schema == SCHEMA:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from synthloop.core.schema import SCHEMA
+from synthloop.core.schema import SCHEMA, upgrade
 from synthloop.outputs.manifest import FORMAT, load_manifest, save_manifest
 from synthloop.outputs.paths import confine
 from synthloop.outputs.shards import (REJECTS_SCHEMA, ShardSeries, fsync_dir, remove_stale_temps, scan_shards,
@@ -78,7 +78,7 @@ class RunStore:
         return prev
 
     def _read_pending(self, rel: str | None, schema: pl.Schema) -> pl.DataFrame | None:
-        return pl.read_parquet(self.dir / rel) if rel else None
+        return upgrade(pl.read_parquet(self.dir / rel), schema) if rel else None
 
     def _listed(self) -> set[str]:
         m = self.manifest

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import polars as pl
 
-from synthloop.core.schema import SCHEMA
+from synthloop.core.schema import SCHEMA, upgrade
 
 #: Rejects carry the stage that dropped them next to the record schema.
 REJECTS_SCHEMA = pl.Schema({**SCHEMA, "drop_stage": pl.String})
@@ -125,8 +125,11 @@ class ShardSeries:
 
 
 def scan_shards(paths: Iterable[Path], schema: pl.Schema = SCHEMA) -> pl.LazyFrame:
-    """Lazily read shards (in the given order) as one frame; no paths gives an empty frame."""
+    """Lazily read shards (in the given order) as one frame; no paths gives an empty frame.
+    Shards an older synthloop wrote are upgraded to `schema` (core/schema.py:upgrade)."""
     paths = [str(p) for p in paths]
     if not paths:
         return pl.LazyFrame(schema=schema)
-    return pl.scan_parquet(paths)
+    if all(pl.Schema(pl.read_parquet_schema(p)) == schema for p in paths):
+        return pl.scan_parquet(paths)
+    return pl.concat([upgrade(pl.scan_parquet(p), schema) for p in paths], how="vertical")

@@ -71,3 +71,52 @@ def test_atomic_writes_clear_what_killed_writers_left(tmp_path):
     write_bytes_atomic(b"[]", tmp_path / "alpaca.json")
     assert (tmp_path / "alpaca.json").read_text() == "[]"
     assert not dead.exists() and live.exists() and mine.exists()
+
+
+def _as_before_language(df: pl.DataFrame) -> pl.DataFrame:
+    """A frame as synthloop wrote it before `language` and `scores.safety` existed."""
+    fields = [f.name for f in SCHEMA["scores"].fields if f.name != "safety"]
+    return df.drop("language").with_columns(
+        pl.struct([pl.col("scores").struct.field(f) for f in fields]).alias("scores"))
+
+
+def test_old_shards_read_with_what_the_schema_gained_as_null(tmp_path):
+    new = make_batch([{"instruction": "Name a bird.", "response": "Owl.", "scores": {"quality": 0.9, "safety": 1.0},
+                       "language": {"code": "en", "confidence": 0.99}}])
+    old = _as_before_language(make_batch([{"instruction": "Name a fish.", "response": "Cod.",
+                                           "scores": {"quality": 0.4}}]))
+    write_parquet_atomic(old, tmp_path / "shard-00000.parquet")
+    write_parquet_atomic(new, tmp_path / "shard-00001.parquet")
+    got = scan_shards([tmp_path / "shard-00000.parquet", tmp_path / "shard-00001.parquet"]).collect()
+    assert got.schema == SCHEMA
+    assert got["language"].to_list() == [None, {"code": "en", "confidence": 0.99}]
+    assert got["scores"].struct.field("safety").to_list() == [None, 1.0]
+    assert got["scores"].struct.field("quality").to_list() == [0.4, 0.9]
+
+
+def test_a_run_written_before_language_resumes(tmp_path):
+    """Shards of an older version (a run finished at --limit 60): raising the limit continues it
+    to the ids a clean run has; the old rows read back with `language` and `scores.safety` null."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scripted_llm import scripted_factory
+    from test_executors import SEEDS_ONLY
+
+    from synthloop.core.config import parse_config
+    from synthloop.engine.runner import execute
+    from synthloop.outputs.run_reader import read_kept
+
+    def cfg(name):
+        return parse_config(SEEDS_ONLY.format(cache=tmp_path / f"{name}.sqlite", repeat=1), path="old.toml")
+    execute(cfg("old"), out=tmp_path / "old", limit=60, show_progress=False, backend_factory=scripted_factory())
+    files = [*(tmp_path / "old").glob("data/*.parquet"), *(tmp_path / "old").glob("pending/*.parquet")]
+    for f in files:
+        _as_before_language(pl.read_parquet(f)).write_parquet(f)
+    m = execute(cfg("old"), out=tmp_path / "old", show_progress=False, backend_factory=scripted_factory())
+    clean = execute(cfg("clean"), out=tmp_path / "clean", show_progress=False, backend_factory=scripted_factory())
+    assert m["complete"] and m["stages"][-1]["kept"] == clean["stages"][-1]["kept"]
+    kept = read_kept(tmp_path / "old")
+    assert kept.schema == SCHEMA and sorted(kept["id"]) == sorted(read_kept(tmp_path / "clean")["id"])
+    assert 0 < kept["language"].null_count() < kept.height      # old rows unlabelled, new ones labelled
