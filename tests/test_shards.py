@@ -95,8 +95,9 @@ def test_old_shards_read_with_what_the_schema_gained_as_null(tmp_path):
 
 
 def test_a_run_written_before_language_resumes(tmp_path):
-    """Shards of an older version (a run finished at --limit 60): raising the limit continues it
-    to the ids a clean run has; the old rows read back with `language` and `scores.safety` null."""
+    """A run an older version wrote and was interrupted in (a shard-less commit: its rows are
+    pending): the same command continues it to the ids a clean run has; the old rows read back
+    with `language` and `scores.safety` null."""
     import sys
     from pathlib import Path
 
@@ -108,10 +109,26 @@ def test_a_run_written_before_language_resumes(tmp_path):
     from synthloop.engine.runner import execute
     from synthloop.outputs.run_reader import read_kept
 
+    calls = []
+
+    def interrupted(spec, cache=None):         # Ctrl-C during the 12th model call
+        llm = scripted_factory()(spec, cache)
+        inner = llm.agenerate
+
+        async def agenerate(requests, params):
+            calls.append(1)
+            if len(calls) == 12:
+                raise KeyboardInterrupt
+            return await inner(requests, params)
+        llm.agenerate = agenerate
+        return llm
+
     def cfg(name):
         return parse_config(SEEDS_ONLY.format(cache=tmp_path / f"{name}.sqlite", repeat=1), path="old.toml")
-    execute(cfg("old"), out=tmp_path / "old", limit=60, show_progress=False, backend_factory=scripted_factory())
+    with pytest.raises(KeyboardInterrupt):
+        execute(cfg("old"), out=tmp_path / "old", show_progress=False, backend_factory=interrupted)
     files = [*(tmp_path / "old").glob("data/*.parquet"), *(tmp_path / "old").glob("pending/*.parquet")]
+    assert any(f.parent.name == "pending" for f in files)
     for f in files:
         _as_before_language(pl.read_parquet(f)).write_parquet(f)
     m = execute(cfg("old"), out=tmp_path / "old", show_progress=False, backend_factory=scripted_factory())
