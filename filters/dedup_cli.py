@@ -384,10 +384,9 @@ def _check_for_ray(args, cfg) -> None:
         model = cfg.model or default_model_path()
         if not Path(model).is_dir():
             raise FileNotFoundError(f"embedding model folder not found: {model}")
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise InputError("--executor ray: Ray is not installed (pip install 'synthloop[ray]')") from None
+    from synthloop.filters.ray_replicas import require_ray
+
+    require_ray()
 
 
 def _dedup_ray(args, inputs, cfg, columns, batch_rows, stage: Path) -> dict:

@@ -172,6 +172,7 @@ def placement(replicas: int | None, gpus_per_replica: float | None, cpus_per_rep
 
 
 def require_ray() -> None:
+    """ValueError (one line) when Ray is not installed; every `--executor ray` checks this first."""
     try:
         import ray  # noqa: F401
     except ImportError:

@@ -256,10 +256,6 @@ def run_score(args) -> int:
 
 # ---------------------------------------------------------------- select
 
-def todo_rows(df: pl.DataFrame) -> int:
-    return df.height and df["drop_reason"].null_count()
-
-
 def run_select(args) -> int:
     """Diversity-aware selection of the inputs under a budget; returns the exit code."""
     from synthloop.filters import ray_replicas
@@ -272,15 +268,15 @@ def run_select(args) -> int:
             raise InputError(f"--budget must be >= 0, got {args.budget}")
         if not -1 <= args.threshold <= 1:
             raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
+        arrived = df.filter(pl.col("drop_reason").is_not_null())
+        todo = df.filter(pl.col("drop_reason").is_null())
         replicas = None
-        if args.executor == "ray" and args.budget and todo_rows(df):
+        if args.executor == "ray" and args.budget and todo.height:
             ray_replicas.require_ray()
             replicas = ray_replicas.encoder_pool(args)
     except (InputError, ValueError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2
-    arrived = df.filter(pl.col("drop_reason").is_not_null())
-    todo = df.filter(pl.col("drop_reason").is_null())
     try:
         with _progress(not args.quiet) as bar:
             task = bar.add_task("selecting", total=todo.height)
